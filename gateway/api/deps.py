@@ -1,0 +1,40 @@
+"""FastAPI dependencies as ``Annotated`` aliases, all in one place."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from gateway.auth.tokens import Principal
+from gateway.errors import AuthenticationFailed
+from gateway.service.gateway import Gateway
+
+__all__ = ["CurrentPrincipal", "GatewayDep", "get_gateway", "get_principal"]
+
+
+def get_gateway(request: Request) -> Gateway:
+    gateway: Gateway = request.app.state.gateway
+    return gateway
+
+
+GatewayDep = Annotated[Gateway, Depends(get_gateway)]
+
+
+def get_principal(request: Request, gateway: GatewayDep) -> Principal:
+    """The bearer token's caller; a failure is audited (as anonymous) before the 401."""
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    try:
+        if scheme.lower() != "bearer" or not token.strip():
+            raise AuthenticationFailed("missing bearer token")
+        principal = gateway.tokens.verify(token.strip())
+    except AuthenticationFailed as exc:
+        gateway.record(None, f"auth:{request.method} {request.url.path}", status=401,
+                       decision="deny", error_code=exc.code, reasons=[exc.message])
+        raise
+    request.state.principal = principal
+    return principal
+
+
+CurrentPrincipal = Annotated[Principal, Depends(get_principal)]

@@ -1,0 +1,69 @@
+"""The v1 routes: translate HTTP to use cases of :class:`gateway.service.gateway.Gateway`."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query, Response
+from fastapi.responses import ORJSONResponse
+
+from gateway.api.deps import CurrentPrincipal, GatewayDep
+from gateway.query.spec import AggregateQuery
+from gateway.service.grants import GrantRequest
+
+router = APIRouter(prefix="/v1")
+
+
+@router.get("/catalog", tags=["catalog"])
+def read_catalog(principal: CurrentPrincipal, gateway: GatewayDep) -> ORJSONResponse:
+    return ORJSONResponse(gateway.catalog_for(principal))
+
+
+@router.post("/grants", status_code=201, tags=["grants"])
+def create_grant(
+    body: GrantRequest, principal: CurrentPrincipal, gateway: GatewayDep
+) -> ORJSONResponse:
+    return ORJSONResponse(gateway.create_grant(principal, body), status_code=201)
+
+
+@router.get("/grants", tags=["grants"])
+def list_grants(
+    principal: CurrentPrincipal,
+    gateway: GatewayDep,
+    insurer: Annotated[str | None, Query(max_length=64)] = None,
+) -> ORJSONResponse:
+    return ORJSONResponse({"grants": gateway.list_grants(principal, insurer)})
+
+
+@router.delete("/grants/{grant_id}", tags=["grants"])
+def revoke_grant(grant_id: str, principal: CurrentPrincipal, gateway: GatewayDep) -> ORJSONResponse:
+    return ORJSONResponse(gateway.revoke_grant(principal, grant_id))
+
+
+@router.post("/query/aggregate", tags=["query"])
+def aggregate(
+    body: AggregateQuery, principal: CurrentPrincipal, gateway: GatewayDep, response: Response
+) -> ORJSONResponse:
+    result = gateway.aggregate(principal, body)
+    return ORJSONResponse(result.body, headers={"Audit-Index": str(result.audit_id)})
+
+
+@router.get("/audit/entries", tags=["audit"])
+def audit_entries(
+    principal: CurrentPrincipal,
+    gateway: GatewayDep,
+    actor: Annotated[str | None, Query(max_length=128)] = None,
+    org: Annotated[str | None, Query(max_length=64)] = None,
+    purpose: Annotated[str | None, Query(max_length=64)] = None,
+    action: Annotated[str | None, Query(max_length=64)] = None,
+    decision: Annotated[str | None, Query(pattern="^(allow|deny|error)$")] = None,
+    since: Annotated[str | None, Query(max_length=40)] = None,
+    until: Annotated[str | None, Query(max_length=40)] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> ORJSONResponse:
+    filters: dict[str, Any] = {
+        "actor": actor, "org": org, "purpose": purpose, "action": action,
+        "decision": decision, "since": since, "until": until,
+    }
+    return ORJSONResponse(gateway.audit_entries(principal, filters, limit=limit, offset=offset))

@@ -1,0 +1,321 @@
+"""Export of the audit log as a signed bundle, and the offline verifier of such a bundle.
+
+A bundle is one UTF-8 JSON file::
+
+    {"format": "yibao-gateway-audit-bundle/v1", "origin": "<log name>",
+     "entries": [{"index": 0, "entry": {...}, "leaf_hash": "<hex>", "chain_hash": "<hex>"}, ...],
+     "head": {"size": N, "chain_hash": "<hex>"},
+     "signature": "<base64 Ed25519 over checkpoint_message(origin, N, head)>",
+     "public_key": "<base64 raw 32-byte Ed25519 key, informational only>"}
+
+The verifier trusts nothing in the file: it checks the shape, recomputes every leaf and the
+chain from the entry objects, and checks the signature with the key the *caller* supplies.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Final, NoReturn
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+    Ed25519PrivateKey,
+    Ed25519PublicKey,
+)
+
+from gateway.audit.entry import GENESIS, HASH_SIZE, canonical_json, chain_hash, leaf_hash
+from gateway.audit.log import AuditLog
+from gateway.errors import AuditIntegrityError, BadRequest
+
+__all__ = ["BUNDLE_FORMAT", "checkpoint_message", "export_bundle", "verify_bundle"]
+
+BUNDLE_FORMAT: Final = "yibao-gateway-audit-bundle/v1"
+SIGNATURE_SIZE: Final = 64
+PUBLIC_KEY_SIZE: Final = 32
+
+_TOP_KEYS: Final = ("format", "origin", "entries", "head", "signature", "public_key")
+_ENTRY_KEYS: Final = ("index", "entry", "leaf_hash", "chain_hash")
+_HEAD_KEYS: Final = ("size", "chain_hash")
+_HEX_RE: Final = re.compile(r"[0-9a-f]{64}")
+
+
+def checkpoint_message(origin: str, size: int, head: bytes) -> bytes:
+    """The bytes that are signed: ``f"{origin}\\n{size}\\n{chain_hash_hex}\\n"``.
+
+    >>> checkpoint_message("demo", 0, bytes(32)).decode().splitlines()[:2]
+    ['demo', '0']
+    """
+    _check_origin(origin)
+    if size < 0 or len(head) != HASH_SIZE:
+        raise ValueError("checkpoint needs size >= 0 and a 32-byte chain hash")
+    return f"{origin}\n{size}\n{head.hex()}\n".encode()
+
+
+def _check_origin(origin: str) -> None:
+    # A newline in the origin would let one signed message be read as another.
+    if not origin or origin != origin.strip() or any(c in origin for c in "\r\n"):
+        raise ValueError("origin must be a non-empty single line without outer whitespace")
+
+
+# -- export ------------------------------------------------------------------------------
+
+
+def export_bundle(
+    log: AuditLog, out_path: Path, signing_key: Ed25519PrivateKey, *, origin: str
+) -> None:
+    """Write every entry of ``log`` (one consistent snapshot) to ``out_path`` as a signed
+    bundle. The chain is recomputed while writing, so a store that does not verify is never
+    signed: :class:`AuditIntegrityError` is raised and no file is left behind."""
+    _check_origin(origin)
+    public_raw = signing_key.public_key().public_bytes(
+        serialization.Encoding.Raw, serialization.PublicFormat.Raw
+    )
+    out_path = Path(out_path)
+    tmp_path = out_path.with_name(f".{out_path.name}.{os.getpid()}.tmp")
+    prev = GENESIS
+    size = 0
+    try:
+        with tmp_path.open("w", encoding="utf-8", newline="\n") as out:
+            out.write(f'{{"format":{_dump(BUNDLE_FORMAT)},"origin":{_dump(origin)},"entries":[')
+            for row in log.iter_rows():
+                if row.index != size:
+                    _fail(f"entry {size}: missing, next stored index is {row.index}", size)
+                data = row.entry_json.encode("utf-8")
+                leaf = leaf_hash(data)
+                prev = chain_hash(prev, leaf)
+                if not (
+                    hmac.compare_digest(leaf, row.leaf_hash)
+                    and hmac.compare_digest(prev, row.chain_hash)
+                ):
+                    _fail(f"entry {size}: stored hashes do not match, log not exported", size)
+                if not _is_canonical_object(row.entry_json, data):
+                    _fail(f"entry {size}: stored entry is not a canonical JSON object", size)
+                # One entry per line: bundles diff and grep well.
+                out.write(
+                    f'{"," if size else ""}\n{{"index":{size},"entry":{row.entry_json},'
+                    f'"leaf_hash":"{leaf.hex()}","chain_hash":"{prev.hex()}"}}'
+                )
+                size += 1
+            signature = signing_key.sign(checkpoint_message(origin, size, prev))
+            out.write(
+                f'\n],"head":{{"size":{size},"chain_hash":"{prev.hex()}"}},'
+                f'"signature":"{_b64(signature)}","public_key":"{_b64(public_raw)}"}}\n'
+            )
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp_path, out_path)
+    finally:
+        tmp_path.unlink(missing_ok=True)
+
+
+def _is_canonical_object(text: str, data: bytes) -> bool:
+    # What is signed must verify: the verifier re-serializes each parsed entry.
+    try:
+        parsed = json.loads(text)
+        return isinstance(parsed, dict) and canonical_json(parsed) == data
+    except ValueError:
+        return False
+
+
+def _dump(value: str) -> str:
+    return json.dumps(value, ensure_ascii=False)
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+# -- verification ------------------------------------------------------------------------
+
+
+def verify_bundle(path: Path, public_key: Ed25519PublicKey | bytes) -> int:
+    """Verify the bundle at ``path`` against ``public_key`` (a key object, 32 raw bytes, or
+    PEM bytes) and return its size; raise :class:`AuditIntegrityError` saying what failed and
+    at which entry. The ``public_key`` member of the bundle is never used."""
+    key = _load_public_key(public_key)
+    bundle = _load(Path(path))
+
+    # 1. Shape, with got/want, before any hashing.
+    _expect_keys(bundle, _TOP_KEYS, "bundle")
+    if bundle["format"] != BUNDLE_FORMAT:
+        _fail(f"bundle: format {bundle['format']!r}, want {BUNDLE_FORMAT!r}")
+    origin = bundle["origin"]
+    if not isinstance(origin, str):
+        _fail("bundle: origin is not a string")
+    try:
+        _check_origin(origin)
+    except ValueError:
+        _fail("bundle: origin must be a non-empty single line")
+    entries = bundle["entries"]
+    if not isinstance(entries, list):
+        _fail("bundle: entries is not a list")
+    head = bundle["head"]
+    _expect_keys(head, _HEAD_KEYS, "head")
+    size = head["size"]
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        _fail("head: size is not a non-negative integer")
+    head_hash = _hex_hash(head["chain_hash"], "head: chain_hash")
+    signature = _b64_bytes(bundle["signature"], SIGNATURE_SIZE, "bundle: signature")
+    _b64_bytes(bundle["public_key"], PUBLIC_KEY_SIZE, "bundle: public_key")
+    stored: list[tuple[dict[str, Any], bytes, bytes]] = []
+    for position, item in enumerate(entries):
+        where = f"entries[{position}]"
+        _expect_keys(item, _ENTRY_KEYS, where, index=position)
+        index = item["index"]
+        if not _is_int(index):
+            _fail(f"{where}: index is not an integer", position)
+        if index != position:
+            _fail(
+                f"{where}: index {index}, want {position} (entries removed or reordered)",
+                position,
+            )
+        if not isinstance(item["entry"], dict):
+            _fail(f"{where}: entry is not an object", position)
+        stored.append(
+            (
+                item["entry"],
+                _hex_hash(item["leaf_hash"], f"{where}: leaf_hash", position),
+                _hex_hash(item["chain_hash"], f"{where}: chain_hash", position),
+            )
+        )
+    if size != len(stored):
+        _fail(
+            f"head: size {size}, but the bundle has {len(stored)} entries"
+            " (log truncated or extended)"
+        )
+
+    # 2. Every leaf and the chain, recomputed from the entries themselves.
+    prev = GENESIS
+    for index, (entry, stored_leaf, stored_chain) in enumerate(stored):
+        try:
+            data = canonical_json(entry)
+        except ValueError:
+            _fail(f"entry {index}: not canonical JSON", index)
+        leaf = leaf_hash(data)
+        if not hmac.compare_digest(leaf, stored_leaf):
+            _fail(
+                f"entry {index}: leaf hash mismatch (entry changed)",
+                index,
+                expected=stored_leaf,
+                calculated=leaf,
+            )
+        prev = chain_hash(prev, leaf)
+        if not hmac.compare_digest(prev, stored_chain):
+            _fail(
+                f"entry {index}: chain hash mismatch (entries removed, inserted or reordered)",
+                index,
+                expected=stored_chain,
+                calculated=prev,
+            )
+    if not hmac.compare_digest(prev, head_hash):
+        _fail(
+            "head: chain_hash does not match the last entry",
+            len(stored) - 1 if stored else None,
+            expected=head_hash,
+            calculated=prev,
+        )
+
+    # 3. The signature over what was recomputed, with the caller's key only.
+    try:
+        key.verify(signature, checkpoint_message(origin, size, prev))
+    except InvalidSignature:
+        _fail("signature does not verify with the given public key")
+    return size
+
+
+def _load_public_key(public_key: Ed25519PublicKey | bytes) -> Ed25519PublicKey:
+    if isinstance(public_key, Ed25519PublicKey):
+        return public_key
+    if isinstance(public_key, bytes) and public_key.lstrip().startswith(b"-----BEGIN"):
+        try:
+            loaded = serialization.load_pem_public_key(public_key)
+        except ValueError as exc:
+            raise BadRequest("public key: not a valid PEM public key") from exc
+        if not isinstance(loaded, Ed25519PublicKey):
+            raise BadRequest("public key: not an Ed25519 key")
+        return loaded
+    if isinstance(public_key, bytes) and len(public_key) == PUBLIC_KEY_SIZE:
+        return Ed25519PublicKey.from_public_bytes(public_key)
+    raise BadRequest(f"public key: want an Ed25519 key, {PUBLIC_KEY_SIZE} raw bytes or PEM bytes")
+
+
+def _load(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except OSError as exc:
+        _fail(f"bundle: cannot read {path.name}: {exc.strerror}")
+    except UnicodeDecodeError:
+        _fail("bundle: not UTF-8")
+    try:
+        # Duplicate keys would let a reader and the verifier see different entries.
+        loaded = json.loads(text, object_pairs_hook=_no_duplicate_keys, parse_constant=_no_constant)
+    except ValueError as exc:
+        _fail(f"bundle: not valid JSON: {exc}")
+    if not isinstance(loaded, dict):
+        _fail("bundle: top level is not an object")
+    return loaded
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        keys = [k for k, _ in pairs]
+        duplicate = next(k for k in keys if keys.count(k) > 1)
+        raise ValueError(f"duplicate key {duplicate!r}")
+    return result
+
+
+def _no_constant(name: str) -> NoReturn:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _expect_keys(obj: Any, keys: tuple[str, ...], where: str, index: int | None = None) -> None:
+    if not isinstance(obj, dict):
+        _fail(f"{where}: not an object", index)
+    missing = [k for k in keys if k not in obj]
+    extra = sorted(k for k in obj if k not in keys)
+    if missing:
+        _fail(f"{where}: missing member {missing[0]!r}", index)
+    if extra:
+        _fail(f"{where}: unexpected member {extra[0]!r}", index)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _hex_hash(value: Any, where: str, index: int | None = None) -> bytes:
+    if not isinstance(value, str) or not _HEX_RE.fullmatch(value):
+        _fail(f"{where}: want {HASH_SIZE * 2} lowercase hex digits", index)
+    return bytes.fromhex(value)
+
+
+def _b64_bytes(value: Any, want: int, where: str) -> bytes:
+    try:
+        if not isinstance(value, str):
+            raise ValueError
+        raw = base64.b64decode(value, validate=True)
+    except (ValueError, binascii.Error):
+        _fail(f"{where}: not base64")
+    if len(raw) != want:
+        _fail(f"{where}: {len(raw)} bytes, want {want}")
+    return raw
+
+
+def _fail(
+    message: str,
+    index: int | None = None,
+    *,
+    expected: bytes = b"",
+    calculated: bytes = b"",
+) -> NoReturn:
+    raise AuditIntegrityError(
+        message, index=index, expected=expected.hex(), calculated=calculated.hex()
+    )

@@ -1,0 +1,299 @@
+"""SQLite backend of the audit log.
+
+One table, ``audit_entries``. The canonical entry JSON, its leaf hash and its chain hash are
+the stored facts; the filter columns (``ts``, ``actor``, ``org`` …) are STORED generated columns
+extracted from that JSON, so they cannot disagree with what was hashed. Triggers refuse UPDATE
+and DELETE and any INSERT that is not at the next index. They guard against mistakes through
+SQL; deliberate tampering with the file is what :meth:`AuditLog.verify` and signed bundles
+detect.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import sqlite3
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict
+from typing import Final
+
+from sqlglot import exp
+
+from gateway.audit.entry import GENESIS
+from gateway.audit.log import AuditLog, BuildRows, SearchFilter, StoredRow
+from gateway.errors import AuditUnavailable
+
+__all__ = ["SqliteAuditLog"]
+
+SCHEMA_VERSION: Final = 1
+
+_SCHEMA: Final = (
+    """
+    CREATE TABLE IF NOT EXISTS audit_entries (
+        idx INTEGER PRIMARY KEY CHECK (idx >= 0),
+        ts TEXT GENERATED ALWAYS AS (json_extract(entry_json, '$.ts')) STORED,
+        actor TEXT GENERATED ALWAYS AS (json_extract(entry_json, '$.actor')) STORED,
+        role TEXT GENERATED ALWAYS AS (json_extract(entry_json, '$.role')) STORED,
+        org TEXT GENERATED ALWAYS AS (json_extract(entry_json, '$.org')) STORED,
+        action TEXT GENERATED ALWAYS AS (json_extract(entry_json, '$.action')) STORED,
+        purpose TEXT GENERATED ALWAYS AS (json_extract(entry_json, '$.purpose')) STORED,
+        decision TEXT GENERATED ALWAYS AS (json_extract(entry_json, '$.decision')) STORED,
+        status INTEGER GENERATED ALWAYS AS (json_extract(entry_json, '$.status')) STORED,
+        subject_pseudonym TEXT
+            GENERATED ALWAYS AS (json_extract(entry_json, '$.subject_pseudonym')) STORED,
+        consent_id TEXT GENERATED ALWAYS AS (json_extract(entry_json, '$.consent_id')) STORED,
+        entry_json TEXT NOT NULL,
+        leaf_hash BLOB NOT NULL CHECK (length(leaf_hash) = 32),
+        chain_hash BLOB NOT NULL CHECK (length(chain_hash) = 32)
+    ) STRICT
+    """,
+    "CREATE INDEX IF NOT EXISTS audit_entries_ts ON audit_entries (ts)",
+    "CREATE INDEX IF NOT EXISTS audit_entries_actor ON audit_entries (actor)",
+    "CREATE INDEX IF NOT EXISTS audit_entries_org ON audit_entries (org)",
+    "CREATE INDEX IF NOT EXISTS audit_entries_purpose ON audit_entries (purpose)",
+    "CREATE INDEX IF NOT EXISTS audit_entries_action ON audit_entries (action)",
+    "CREATE INDEX IF NOT EXISTS audit_entries_decision ON audit_entries (decision)",
+    # Most entries name no person or consent: partial indexes stay small.
+    """
+    CREATE INDEX IF NOT EXISTS audit_entries_subject ON audit_entries (subject_pseudonym)
+    WHERE subject_pseudonym IS NOT NULL
+    """,
+    """
+    CREATE INDEX IF NOT EXISTS audit_entries_consent ON audit_entries (consent_id)
+    WHERE consent_id IS NOT NULL
+    """,
+    """
+    CREATE TRIGGER IF NOT EXISTS audit_entries_no_update BEFORE UPDATE ON audit_entries
+    BEGIN SELECT RAISE(ABORT, 'audit log is append-only: UPDATE refused'); END
+    """,
+    """
+    CREATE TRIGGER IF NOT EXISTS audit_entries_no_delete BEFORE DELETE ON audit_entries
+    BEGIN SELECT RAISE(ABORT, 'audit log is append-only: DELETE refused'); END
+    """,
+    # Also stops INSERT OR REPLACE, which would otherwise delete without firing the trigger.
+    """
+    CREATE TRIGGER IF NOT EXISTS audit_entries_next_index BEFORE INSERT ON audit_entries
+    WHEN NEW.idx IS NOT (SELECT coalesce(max(idx), -1) + 1 FROM audit_entries)
+    BEGIN SELECT RAISE(ABORT, 'audit log is append-only: INSERT must use the next index'); END
+    """,
+)
+
+_INSERT_COLUMNS: Final = ("idx", "entry_json", "leaf_hash", "chain_hash")
+_TAIL: Final = "SELECT idx, chain_hash FROM audit_entries ORDER BY idx DESC LIMIT 1"
+_ROW: Final = "SELECT idx, entry_json, leaf_hash, chain_hash FROM audit_entries WHERE idx = ?"
+_SCAN: Final = (
+    "SELECT idx, entry_json, leaf_hash, chain_hash FROM audit_entries WHERE idx >= ? ORDER BY idx"
+)
+_SCAN_CHUNK: Final = 4096
+
+
+class SqliteAuditLog(AuditLog):
+    """The audit log in a SQLite file (WAL, ``synchronous=FULL``).
+
+    Several processes may append to the same file: each batch re-reads the chain head inside
+    its ``BEGIN IMMEDIATE`` transaction. ``busy_timeout`` bounds how long a batch waits for the
+    file lock before its callers get :class:`AuditUnavailable`.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        busy_timeout: float = 5.0,
+        max_batch: int = 512,
+        max_delay: float = 0.002,
+        max_queue: int = 65536,
+    ) -> None:
+        self._path = os.fspath(path)
+        if self._path == "" or self._path.startswith((":memory:", "file:")):
+            raise ValueError("SqliteAuditLog needs a file path; every connection must see it")
+        self._busy_timeout = busy_timeout
+        self._pool_lock = threading.Lock()
+        self._idle_readers: list[sqlite3.Connection] = []
+        self._all_readers: list[sqlite3.Connection] = []
+        self._storage_closed = False
+        try:
+            self._writer: sqlite3.Connection | None = self._connect()
+        except sqlite3.Error as exc:
+            raise AuditUnavailable(f"cannot open audit store: {exc}") from exc
+        try:
+            self._create_schema(self._writer)
+        except BaseException as exc:
+            self._writer.close()
+            if isinstance(exc, sqlite3.Error):
+                raise AuditUnavailable(f"cannot open audit store: {exc}") from exc
+            raise
+        super().__init__(max_batch=max_batch, max_delay=max_delay, max_queue=max_queue)
+
+    # -- connections ---------------------------------------------------------------------
+
+    def _connect(self, *, read_only: bool = False) -> sqlite3.Connection:
+        # isolation_level=None: transactions are begun explicitly, never implicitly.
+        conn = sqlite3.connect(
+            self._path,
+            timeout=self._busy_timeout,
+            isolation_level=None,
+            check_same_thread=False,
+        )
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
+            if read_only:
+                conn.execute("PRAGMA query_only=ON")
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _create_schema(self, conn: sqlite3.Connection) -> None:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            (version,) = conn.execute("PRAGMA user_version").fetchone()
+            if version not in (0, SCHEMA_VERSION):
+                raise AuditUnavailable(
+                    f"audit store schema version {version}, this gateway knows {SCHEMA_VERSION}"
+                )
+            for statement in _SCHEMA:
+                conn.execute(statement)
+            conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+
+    @contextmanager
+    def _reader(self) -> Iterator[sqlite3.Connection]:
+        with self._pool_lock:
+            if self._storage_closed:
+                raise AuditUnavailable("audit log is closed")
+            conn = self._idle_readers.pop() if self._idle_readers else None
+        try:
+            if conn is None:
+                conn = self._connect(read_only=True)
+                with self._pool_lock:
+                    self._all_readers.append(conn)
+            yield conn
+        except sqlite3.Error as exc:
+            raise AuditUnavailable(f"audit store cannot be read: {exc}") from exc
+        finally:
+            if conn is not None:
+                with self._pool_lock:
+                    self._idle_readers.append(conn)
+
+    # -- hooks ---------------------------------------------------------------------------
+
+    def _append_rows(self, build: BuildRows) -> None:
+        if self._writer is None:  # dropped after an earlier failure: start afresh
+            self._writer = self._connect()
+        conn = self._writer
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            row = conn.execute(_TAIL).fetchone()
+            size, head = (0, GENESIS) if row is None else (row[0] + 1, row[1])
+            rows = build(size, head)
+            # A few multi-row INSERTs rather than one per row: each statement is one trip out
+            # of the GIL, and under load that trip costs more than the insert itself.
+            start = 0
+            for count in _chunks(len(rows)):
+                params: list[object] = []
+                for r in rows[start : start + count]:
+                    params += (r.index, r.entry_json, r.leaf_hash, r.chain_hash)
+                conn.execute(_insert_sql(count), params)
+                start += count
+            conn.execute("COMMIT")
+        except BaseException:
+            try:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                # The connection is in an unknown state; SQLite rolls back when it closes.
+                conn.close()
+                self._writer = None
+            raise
+
+    def _read_tail(self) -> tuple[int, bytes]:
+        with self._reader() as conn:
+            row = conn.execute(_TAIL).fetchone()
+        return (0, GENESIS) if row is None else (row[0] + 1, bytes(row[1]))
+
+    def _read_row(self, index: int) -> StoredRow | None:
+        with self._reader() as conn:
+            row = conn.execute(_ROW, (index,)).fetchone()
+        return None if row is None else StoredRow(row[0], row[1], row[2], row[3])
+
+    def _scan_rows(self, start: int) -> Iterator[StoredRow]:
+        # One SELECT statement reads one WAL snapshot, however long the iteration takes.
+        with self._reader() as conn:
+            cursor = conn.execute(_SCAN, (start,))
+            try:
+                while chunk := cursor.fetchmany(_SCAN_CHUNK):
+                    for idx, text, leaf, chain in chunk:
+                        yield StoredRow(idx, text, leaf, chain)
+            finally:
+                cursor.close()
+
+    def _search_rows(self, where: SearchFilter, limit: int, offset: int) -> list[tuple[int, str]]:
+        params = {k: v for k, v in asdict(where).items() if v is not None}
+        sql = _search_sql(tuple(sorted(params)))
+        params.update(limit=limit, offset=offset)
+        with self._reader() as conn:
+            return [(idx, text) for idx, text in conn.execute(sql, params)]
+
+    def _close_storage(self) -> None:
+        with self._pool_lock:
+            self._storage_closed = True
+            readers, self._all_readers, self._idle_readers = self._all_readers, [], []
+        for conn in readers:
+            conn.close()
+        if self._writer is not None:
+            with contextlib.suppress(sqlite3.Error):  # keeps the planner's statistics fresh
+                self._writer.execute("PRAGMA optimize")
+            self._writer.close()
+            self._writer = None
+
+
+def _chunks(n: int) -> list[int]:
+    """``n`` as a sum of powers of two, largest first, so that few statements are prepared."""
+    return [1 << bit for bit in range(n.bit_length() - 1, -1, -1) if n >> bit & 1]
+
+
+@functools.lru_cache(maxsize=16)
+def _insert_sql(rows: int, dialect: str = "sqlite") -> str:
+    """A multi-row INSERT of ``rows`` rows, all values bound, built as a tree."""
+    values = exp.values([tuple(exp.Placeholder() for _ in _INSERT_COLUMNS) for _ in range(rows)])
+    return exp.insert(values, "audit_entries", columns=list(_INSERT_COLUMNS)).sql(dialect=dialect)
+
+
+# Filter names map to fixed columns and comparisons; values are only ever bound parameters.
+_EQUALITY_FILTERS: Final = frozenset(
+    {"actor", "org", "purpose", "action", "decision", "subject_pseudonym", "consent_id"}
+)
+
+
+@functools.lru_cache(maxsize=256)
+def _search_sql(names: tuple[str, ...], dialect: str = "sqlite") -> str:
+    """The search statement for this set of filters, built as a tree, never from strings."""
+    conditions: list[exp.Expression] = []
+    for name in names:
+        value = exp.Placeholder(this=name)
+        if name in _EQUALITY_FILTERS:
+            conditions.append(exp.column(name).eq(value))
+        elif name == "since":
+            conditions.append(exp.GTE(this=exp.column("ts"), expression=value))
+        elif name == "until":
+            conditions.append(exp.LT(this=exp.column("ts"), expression=value))
+        else:
+            raise ValueError(f"unknown search filter {name!r}")
+    query = exp.select("idx", "entry_json").from_("audit_entries")
+    if conditions:
+        query = query.where(exp.and_(*conditions))
+    query = (
+        query.order_by("idx")
+        .limit(exp.Placeholder(this="limit"))
+        .offset(exp.Placeholder(this="offset"))
+    )
+    return query.sql(dialect=dialect)

@@ -1,0 +1,169 @@
+"""``gateway demo``: a synthetic city, loaded, granted and served, with credentials on disk.
+
+Idempotent: re-running with the same ``--persons`` and ``--seed`` reuses the city, the loaded
+version, the clients and the grant; a different city is generated and loaded anew.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from gateway.auth.keys import load_or_create_private_key
+from gateway.auth.tokens import Principal
+from gateway.cli.clients import register_client
+from gateway.ingest.pseudonym import load_or_create_key
+from gateway.settings import Settings
+from gateway.state.store import SqliteStateStore
+
+__all__ = ["DEMO_CLIENTS", "prepare_demo", "run_demo"]
+
+# role key in credentials.json -> (client id, role, org, alg)
+DEMO_CLIENTS: dict[str, tuple[str, str, str | None, str]] = {
+    "admin": ("demo-admin", "admin", None, "EdDSA"),
+    "insurer": ("demo-insurer", "insurer", "ins-hmb-001", "EdDSA"),
+    "insurer_b": ("demo-insurer-b", "insurer", "ins-other-002", "ES256"),
+    "auditor": ("demo-auditor", "auditor", None, "EdDSA"),
+}
+
+PRICING_GRANT: dict[str, Any] = {
+    "insurer": "ins-hmb-001",
+    "purpose": "hmb_pricing",
+    "datasets": ["settlements", "person_years"],
+    "dimensions": ["age_band", "gend", "insu_admdvs", "insutype", "year", "med_type", "hosp_lv"],
+    "measures": [
+        "medfee_sumamt", "inscp_scp_amt", "fulamt_ownpay_amt", "overlmt_selfpay", "hifp_pay",
+        "hifmi_pay", "psn_part_amt", "exposure", "setl_cnt",
+    ],
+    "min_cell_size": 10,
+    "rate_limit_per_minute": 6000,
+}
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def prepare_demo(*, persons: int, seed: int, port: int, workdir: Path) -> dict[str, Any]:
+    """Everything but serving; returns the credentials document it wrote."""
+    from gateway.ingest.pipeline import ingest
+    from gateway.query.store import StoreLayout
+    from gateway.service.bootstrap import build_gateway
+    from gateway.service.grants import GrantRequest
+    from gateway.synth import generate_city
+
+    workdir = workdir.resolve()
+    settings = Settings(workdir=workdir, base_url=f"http://127.0.0.1:{port}", demo=True)
+    workdir.mkdir(parents=True, exist_ok=True)
+    load_or_create_private_key(settings.signing_key_path, "EdDSA")
+    key = load_or_create_key(settings.pseudonym_key_path)
+
+    raw = workdir / "raw"
+    marker = raw / "city.json"
+    wanted = {"persons": persons, "seed": seed}
+    city_changed = not marker.exists() or json.loads(marker.read_text()) != wanted
+    if city_changed:
+        _say(f"[1/4] generating a synthetic city of {persons:,} persons (seed {seed})")
+        started = time.perf_counter()
+        files = generate_city(raw, persons=persons, seed=seed, progress=True)
+        marker.write_text(json.dumps(wanted))
+        _say(f"      {files.settlement_count:,} settlements in "
+             f"{time.perf_counter() - started:.1f} s")
+    else:
+        _say("[1/4] reusing the synthetic city in " + str(raw))
+    layout = StoreLayout(settings.store_dir)
+    if city_changed or layout.current_version() is None:
+        _say("[2/4] de-identifying and loading into DuckDB")
+        report = ingest(raw / "persons.parquet", raw / "settlements.parquet",
+                        store_dir=settings.store_dir, key=key,
+                        progress=lambda step: _say(f"      · {step}"))
+        _say(f"      version {report.data_version}: {report.settlements:,} settlements in "
+             f"{report.seconds:.1f} s ({report.settlement_rows_per_s:,.0f} rows/s)")
+    else:
+        _say(f"[2/4] serving loaded version {layout.current_version()}")
+
+    _say("[3/4] clients and grants")
+    state = SqliteStateStore(settings.state_path)
+    clients: dict[str, Any] = {}
+    for name, (client_id, role, org, alg) in DEMO_CLIENTS.items():
+        key_path = settings.workdir / "clients" / f"{client_id}.pem"
+        if state.get_client(client_id) is None or not key_path.exists():
+            if state.get_client(client_id) is not None:
+                raise SystemExit(f"client {client_id} exists but its key is gone; "
+                                 f"remove {workdir} and run the demo again")
+            register_client(settings, client_id=client_id, role=role, org=org, alg=alg,
+                            key_path=key_path)
+        clients[name] = {"client_id": client_id, "role": role, "org": org,
+                         "private_key_path": str(key_path), "alg": alg}
+    now_ns = time.time_ns()
+    live = [g for g in state.list_grants("ins-hmb-001")
+            if g.revoked_at_ns is None and g.valid_until_ns > now_ns]
+    if not live:
+        gateway = build_gateway(settings)
+        try:
+            admin = Principal(client_id="demo-admin", role="admin", org=None, token_id="demo")
+            request = GrantRequest.model_validate({
+                **PRICING_GRANT,
+                "valid_until": (datetime.now(UTC) + timedelta(days=365)).isoformat(),
+            })
+            grant = gateway.create_grant(admin, request)
+            _say(f"      granted {grant['grant_id']} ({grant['purpose']}) to ins-hmb-001")
+        finally:
+            gateway.audit.close()
+    credentials = {"base_url": settings.base_url, "token_url": settings.token_url,
+                   "clients": clients}
+    cred_path = workdir / "credentials.json"
+    fd = os.open(cred_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        json.dump(credentials, fh, ensure_ascii=False, indent=2)
+    return credentials
+
+
+_EXAMPLES = """
+[4/4] gateway on {base_url}   (credentials: {cred})
+
+  # an access token for the demo insurer (RFC 7523 client assertion, signed with its key)
+  TOKEN=$(gateway token get insurer --credentials {cred})
+
+  curl -s {base_url}/v1/catalog -H "Authorization: Bearer $TOKEN"
+
+  curl -s {base_url}/v1/query/aggregate -H "Authorization: Bearer $TOKEN" \\
+       -H 'Content-Type: application/json' -d '{{"purpose": "hmb_pricing",
+       "dataset": "settlements", "dimensions": ["age_band", "gend"],
+       "measures": [{{"fn": "count_persons"}}, {{"fn": "sum", "field": "psn_part_amt"}},
+                    {{"fn": "mean", "field": "medfee_sumamt"}}],
+       "filters": {{"year": [2024], "med_type": ["21"]}}}}'
+
+  # Python
+  import httpx, json
+  from gateway.cli.clients import fetch_token
+  token = fetch_token(Path("{cred}"), "insurer")
+  r = httpx.post("{base_url}/v1/query/aggregate", headers={{"Authorization": f"Bearer {{token}}"}},
+                 json={{"purpose": "hmb_pricing", "dataset": "person_years",
+                       "dimensions": ["age_band"], "measures": [{{"fn": "sum", "field": "exposure"}},
+                       {{"fn": "mean", "field": "psn_part_amt"}}]}})
+  print(json.dumps(r.json(), ensure_ascii=False, indent=1))
+
+  OpenAPI: {base_url}/docs    Stop with Ctrl-C.
+"""
+
+
+def run_demo(*, persons: int, seed: int, port: int, workdir: Path, serve: bool) -> None:
+    credentials = prepare_demo(persons=persons, seed=seed, port=port, workdir=workdir)
+    cred = (workdir.resolve() / "credentials.json")
+    _say(_EXAMPLES.format(base_url=credentials["base_url"], cred=cred))
+    if not serve:
+        return
+    import uvicorn
+
+    from gateway.api.app import create_app
+    from gateway.service.bootstrap import build_gateway
+
+    settings = Settings(workdir=workdir.resolve(), base_url=credentials["base_url"], demo=True)
+    uvicorn.run(create_app(build_gateway(settings)), host="127.0.0.1", port=port,
+                log_level="warning", access_log=False)

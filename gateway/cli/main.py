@@ -1,0 +1,260 @@
+"""``gateway`` command line: serve, demo, init, ingest, grant, token, audit.
+
+Errors map to exit codes in one place (:func:`main`): a :class:`GatewayError` prints its code
+and message on stderr and exits with its ``exit_code``; nothing prints a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from gateway.errors import GatewayError
+
+__all__ = ["app", "main"]
+
+app = typer.Typer(help="医保商保数据共享网关 — privacy-preserving data-sharing gateway",
+                  no_args_is_help=True, pretty_exceptions_enable=False)
+grant_app = typer.Typer(help="Manage grants (scopes) of insurers", no_args_is_help=True)
+token_app = typer.Typer(help="Client keys and access tokens", no_args_is_help=True)
+audit_app = typer.Typer(help="Export and verify the audit log", no_args_is_help=True)
+app.add_typer(grant_app, name="grant")
+app.add_typer(token_app, name="token")
+app.add_typer(audit_app, name="audit")
+
+Workdir = Annotated[Path, typer.Option("--workdir", help="gateway work directory")]
+_DEFAULT_WORKDIR = Path(".gateway/demo")
+
+
+def _settings(workdir: Path, **extra: Any) -> Any:
+    from gateway.settings import Settings
+
+    return Settings(workdir=workdir, **extra)
+
+
+def _print_json(obj: Any) -> None:
+    typer.echo(json.dumps(obj, ensure_ascii=False, indent=2))
+
+
+@app.command()
+def init(workdir: Workdir = _DEFAULT_WORKDIR) -> None:
+    """Create the gateway signing key and the ingest pseudonym key (if absent)."""
+    from gateway.auth.keys import load_or_create_private_key
+    from gateway.ingest.pseudonym import load_or_create_key
+
+    settings = _settings(workdir)
+    load_or_create_private_key(settings.signing_key_path, "EdDSA")
+    load_or_create_key(settings.pseudonym_key_path)
+    typer.echo(f"keys ready under {settings.keys_dir}")
+
+
+@app.command()
+def ingest(
+    persons: Annotated[Path, typer.Argument(help="参保人 extract (.parquet or .csv)")],
+    settlements: Annotated[Path, typer.Argument(help="结算 extract (.parquet or .csv)")],
+    workdir: Workdir = _DEFAULT_WORKDIR,
+) -> None:
+    """De-identify and load extracts as a new data version (atomic)."""
+    from gateway.ingest.pipeline import ingest as run_ingest
+    from gateway.ingest.pseudonym import load_or_create_key
+
+    settings = _settings(workdir)
+    key = load_or_create_key(settings.pseudonym_key_path)
+    report = run_ingest(persons, settlements, store_dir=settings.store_dir, key=key,
+                        progress=lambda step: typer.echo(f"  · {step}", err=True))
+    _print_json({
+        "data_version": report.data_version,
+        "persons": report.persons,
+        "settlements": report.settlements,
+        "person_years": report.person_years,
+        "unplaced_addresses": report.unplaced_addresses,
+        "seconds": round(report.seconds, 2),
+        "settlement_rows_per_s": round(report.settlement_rows_per_s),
+    })
+
+
+@app.command()
+def serve(
+    workdir: Workdir = _DEFAULT_WORKDIR,
+    host: Annotated[str, typer.Option(help="bind address")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="port")] = 8000,
+    base_url: Annotated[str | None, typer.Option(help="public base URL")] = None,
+) -> None:
+    """Serve the gateway API (uvicorn)."""
+    import uvicorn
+
+    from gateway.api.app import create_app
+    from gateway.service.bootstrap import build_gateway
+
+    settings = _settings(workdir, base_url=base_url or f"http://{host}:{port}")
+    application = create_app(build_gateway(settings))
+    uvicorn.run(application, host=host, port=port, log_level="warning", access_log=False)
+
+
+@app.command()
+def demo(
+    persons: Annotated[int, typer.Option(help="synthetic persons")] = 100_000,
+    seed: Annotated[int, typer.Option(help="random seed")] = 7,
+    port: Annotated[int, typer.Option(help="port")] = 8000,
+    workdir: Workdir = _DEFAULT_WORKDIR,
+    serve_forever: Annotated[bool, typer.Option("--serve/--no-serve",
+                                                help="serve after setting up")] = True,
+) -> None:
+    """Build a synthetic city, load it, create demo clients and a grant, and serve."""
+    from gateway.cli.demo import run_demo
+
+    run_demo(persons=persons, seed=seed, port=port, workdir=workdir, serve=serve_forever)
+
+
+# -- grants -------------------------------------------------------------------------------
+def _cli_gateway(workdir: Path) -> Any:
+    from gateway.service.bootstrap import build_gateway
+
+    return build_gateway(_settings(workdir))
+
+
+def _cli_admin() -> Any:
+    import getpass
+
+    from gateway.auth.tokens import Principal
+
+    return Principal(client_id=f"cli:{getpass.getuser()}", role="admin", org=None,
+                     token_id="cli")
+
+
+@grant_app.command("create")
+def grant_create(
+    spec: Annotated[Path, typer.Argument(help="grant request as a JSON file")],
+    workdir: Workdir = _DEFAULT_WORKDIR,
+) -> None:
+    """Create a grant from a JSON request (same shape as POST /v1/grants)."""
+    from gateway.service.grants import GrantRequest
+
+    request = GrantRequest.model_validate_json(spec.read_text("utf-8"))
+    gateway = _cli_gateway(workdir)
+    try:
+        _print_json(gateway.create_grant(_cli_admin(), request))
+    finally:
+        gateway.audit.close()
+
+
+@grant_app.command("list")
+def grant_list(
+    workdir: Workdir = _DEFAULT_WORKDIR,
+    insurer: Annotated[str | None, typer.Option(help="only this insurer")] = None,
+) -> None:
+    """List grants."""
+    gateway = _cli_gateway(workdir)
+    try:
+        _print_json(gateway.list_grants(_cli_admin(), insurer))
+    finally:
+        gateway.audit.close()
+
+
+@grant_app.command("revoke")
+def grant_revoke(grant_id: str, workdir: Workdir = _DEFAULT_WORKDIR) -> None:
+    """Revoke a grant; it stops working from the next request."""
+    gateway = _cli_gateway(workdir)
+    try:
+        _print_json(gateway.revoke_grant(_cli_admin(), grant_id))
+    finally:
+        gateway.audit.close()
+
+
+# -- clients and tokens ---------------------------------------------------------------------
+@token_app.command("register")
+def token_register(
+    client_id: Annotated[str, typer.Argument(help="client id to create")],
+    role: Annotated[str, typer.Option(help="admin | insurer | auditor")],
+    key_out: Annotated[Path, typer.Option(help="where to write the client's private key")],
+    org: Annotated[str | None, typer.Option(help="insurer organisation id")] = None,
+    alg: Annotated[str, typer.Option(help="EdDSA or ES256")] = "EdDSA",
+    workdir: Workdir = _DEFAULT_WORKDIR,
+) -> None:
+    """Create a client key pair and register its public key."""
+    from gateway.cli.clients import register_client
+
+    register_client(_settings(workdir), client_id=client_id, role=role, org=org,
+                    alg=alg, key_path=key_out)
+    typer.echo(f"registered {client_id} ({role}); private key at {key_out}")
+
+
+@token_app.command("get")
+def token_get(
+    role: Annotated[str, typer.Argument(help="role in credentials.json")] = "insurer",
+    credentials: Annotated[Path, typer.Option(help="credentials.json of the demo")] = (
+        _DEFAULT_WORKDIR / "credentials.json"
+    ),
+) -> None:
+    """Fetch an access token from a running gateway (for curl)."""
+    from gateway.cli.clients import fetch_token
+
+    typer.echo(fetch_token(credentials, role))
+
+
+# -- audit ------------------------------------------------------------------------------------
+@audit_app.command("export")
+def audit_export(
+    out: Annotated[Path, typer.Argument(help="bundle file to write")],
+    workdir: Workdir = _DEFAULT_WORKDIR,
+) -> None:
+    """Export the whole log as a signed bundle for offline verification."""
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    from gateway.audit import SqliteAuditLog, export_bundle
+    from gateway.auth.keys import load_private_key, public_key_pem
+
+    settings = _settings(workdir)
+    key = load_private_key(settings.signing_key_path)
+    if not isinstance(key, ed25519.Ed25519PrivateKey):
+        raise GatewayError("the gateway signing key must be Ed25519")
+    with SqliteAuditLog(settings.audit_path) as log:
+        export_bundle(log, out, key, origin=settings.audit_origin)
+    pub = out.with_suffix(".pub.pem")
+    pub.write_text(public_key_pem(key), "ascii")
+    typer.echo(f"wrote {out} and its public key {pub}")
+
+
+@audit_app.command("verify")
+def audit_verify(
+    bundle: Annotated[Path, typer.Argument(help="exported audit bundle")],
+    public_key: Annotated[Path, typer.Option(help="the gateway's public key (PEM)")],
+) -> None:
+    """Check an exported log offline: every leaf, the chain and the signature."""
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    from gateway.audit import verify_bundle
+    from gateway.auth.keys import load_public_key_pem
+
+    key, _ = load_public_key_pem(public_key.read_text("ascii"))
+    if not isinstance(key, ed25519.Ed25519PublicKey):
+        raise GatewayError("the audit public key must be Ed25519")
+    size = verify_bundle(bundle, key)
+    typer.echo(f"OK: {size} entries verified at {datetime.now(UTC).isoformat()}")
+
+
+def main() -> None:
+    """Entry point: run the CLI, mapping gateway errors to exit codes."""
+    try:
+        app(standalone_mode=False)
+    except GatewayError as exc:
+        typer.echo(f"error [{exc.code}]: {exc.message}", err=True)
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        sys.exit(130)
+    except Exception as exc:  # click usage errors carry their own exit codes
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        raise
+
+
+if __name__ == "__main__":
+    main()

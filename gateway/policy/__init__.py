@@ -1,0 +1,34 @@
+"""Policy decisions: Rego policies in ``policies/`` answer allow or deny, with reasons and
+obligations, for every request; anything unexpected fails closed.
+
+>>> from gateway.policy import build_engine
+>>> engine = build_engine("regorus")
+>>> decision = engine.decide({})
+>>> decision.allow, decision.reasons[-2:]
+(False, ('request has no action', 'request has no subject role'))
+"""
+
+from gateway.policy.data import with_grant_index
+from gateway.policy.decision import Decision, Obligations
+from gateway.policy.engine import (
+    DECISION_ENTRYPOINT,
+    EngineFactory,
+    PolicyEngine,
+    RegorusEngine,
+    build_engine,
+    policies_dir,
+    register_engine,
+)
+
+__all__ = [
+    "DECISION_ENTRYPOINT",
+    "Decision",
+    "EngineFactory",
+    "Obligations",
+    "PolicyEngine",
+    "RegorusEngine",
+    "build_engine",
+    "policies_dir",
+    "register_engine",
+    "with_grant_index",
+]

@@ -1,0 +1,180 @@
+"""The versioned DuckDB query store.
+
+Layout under ``store_dir``::
+
+    versions/<data_version>.duckdb   complete, immutable versions
+    CURRENT                          the serving version's name (replaced atomically)
+    tmp/                             loads in progress (never served; removed when stale)
+
+A load writes a whole new version under ``tmp/``, closes and fsyncs it, renames it into
+``versions/`` and only then swaps ``CURRENT`` with ``os.replace``. A reader that opens
+``CURRENT`` therefore sees either the old version or the new one, never a half-written one.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import duckdb
+
+from gateway.errors import QueryTimeout, StoreUnavailable
+
+__all__ = ["QueryStore", "StoreLayout"]
+
+
+@dataclass(frozen=True)
+class StoreLayout:
+    root: Path
+
+    @property
+    def versions(self) -> Path:
+        return self.root / "versions"
+
+    @property
+    def tmp(self) -> Path:
+        return self.root / "tmp"
+
+    @property
+    def pointer(self) -> Path:
+        return self.root / "CURRENT"
+
+    def version_path(self, version: str) -> Path:
+        return self.versions / f"{version}.duckdb"
+
+    def current_version(self) -> str | None:
+        try:
+            name = self.pointer.read_text("utf-8").strip()
+        except FileNotFoundError:
+            return None
+        return name or None
+
+    def publish(self, version: str, built_file: Path) -> None:
+        """Move a closed, complete database file into place and point CURRENT at it."""
+        self.versions.mkdir(parents=True, exist_ok=True)
+        _fsync_file(built_file)
+        final = self.version_path(version)
+        os.replace(built_file, final)
+        _fsync_dir(self.versions)
+        staged = self.root / "CURRENT.tmp"
+        staged.write_text(version + "\n", "utf-8")
+        _fsync_file(staged)
+        os.replace(staged, self.pointer)
+        _fsync_dir(self.root)
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class QueryStore:
+    """Read-only access to the serving version, re-opened when CURRENT changes.
+
+    Each query runs on its own cursor with a time limit enforced by interrupting it.
+    """
+
+    def __init__(
+        self,
+        layout: StoreLayout,
+        *,
+        timeout_s: float = 30.0,
+        memory_limit: str = "4GB",
+        threads: int | None = None,
+    ) -> None:
+        self.layout = layout
+        self.timeout_s = timeout_s
+        self.memory_limit = memory_limit
+        self.threads = threads
+        self._lock = threading.Lock()
+        self._conn: duckdb.DuckDBPyConnection | None = None
+        self._version: str | None = None
+        self._pointer_stat: tuple[int, int] | None = None
+
+    @property
+    def version(self) -> str | None:
+        self._refresh()
+        return self._version
+
+    def ready(self) -> bool:
+        try:
+            self._refresh()
+        except StoreUnavailable:
+            return False
+        return self._conn is not None
+
+    def _refresh(self) -> None:
+        try:
+            st = self.layout.pointer.stat()
+        except FileNotFoundError:
+            return
+        key = (st.st_mtime_ns, st.st_ino)
+        if key == self._pointer_stat and self._conn is not None:
+            return
+        with self._lock:
+            if key == self._pointer_stat and self._conn is not None:
+                return
+            version = self.layout.current_version()
+            if version is None:
+                return
+            try:
+                config: dict[str, Any] = {"memory_limit": self.memory_limit}
+                if self.threads:
+                    config["threads"] = self.threads
+                conn = duckdb.connect(
+                    str(self.layout.version_path(version)), read_only=True, config=config
+                )
+            except duckdb.Error as exc:
+                raise StoreUnavailable("query store cannot be opened") from exc
+            old = self._conn
+            self._conn, self._version, self._pointer_stat = conn, version, key
+            # Old cursors keep their own handle; closing the parent after a swap is safe
+            # once in-flight queries finish, which DuckDB tracks per cursor.
+            del old
+
+    @contextmanager
+    def cursor(self) -> Iterator[tuple[duckdb.DuckDBPyConnection, str]]:
+        self._refresh()
+        conn, version = self._conn, self._version
+        if conn is None or version is None:
+            raise StoreUnavailable("no data version has been loaded")
+        cur = conn.cursor()
+        try:
+            yield cur, version
+        finally:
+            cur.close()
+
+    def fetch(
+        self, sql: str, params: list[Any] | None = None
+    ) -> tuple[list[str], list[tuple[Any, ...]], str]:
+        """Run one read-only statement with the time limit; returns (columns, rows, version)."""
+        with self.cursor() as (cur, version):
+            timer = threading.Timer(self.timeout_s, cur.interrupt)
+            timer.start()
+            try:
+                cur.execute(sql, params or [])
+                rows = cur.fetchall()
+                columns = [d[0] for d in cur.description or []]
+            except duckdb.InterruptException as exc:
+                raise QueryTimeout("query exceeded its time limit") from exc
+            except duckdb.Error as exc:
+                raise StoreUnavailable("query store error") from exc
+            finally:
+                timer.cancel()
+        return columns, rows, version

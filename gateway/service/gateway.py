@@ -1,0 +1,346 @@
+"""The gateway's use cases, free of HTTP: every request is decided, executed, disclosed and
+audited here. Routes only translate HTTP to these calls and back.
+
+Audit first-class: each use case writes exactly one audit entry, allowed or denied, before it
+returns; if the entry cannot be made durable the call fails (AuditUnavailable → 503) and no
+result leaves.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+
+from gateway.audit import AuditEntry, AuditLog, utc_timestamp
+from gateway.auth.tokens import AccessTokenIssuer, Principal
+from gateway.catalog import Catalog
+from gateway.disclosure.suppression import disclose
+from gateway.errors import (
+    GatewayError,
+    NotFound,
+    PolicyDenied,
+    PolicyEngineError,
+    RateLimited,
+    StoreUnavailable,
+)
+from gateway.policy import Decision, PolicyEngine
+from gateway.query.compiler import compile_aggregate
+from gateway.query.spec import AggregateQuery
+from gateway.query.store import QueryStore
+from gateway.service.grants import GrantRequest, grant_to_json, new_grant_record, policy_data
+from gateway.state.store import StateStore
+
+__all__ = ["Gateway", "QueryResult"]
+
+
+@dataclass(frozen=True)
+class QueryResult:
+    body: dict[str, Any]
+    audit_id: int
+
+
+@dataclass
+class _Bucket:
+    tokens: float
+    updated: float
+
+
+@dataclass
+class _RateLimiter:
+    """Per-grant token bucket (in-process; shared limits arrive with the PostgreSQL state)."""
+
+    buckets: dict[str, _Bucket] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def take(self, key: str, per_minute: int, now: float) -> bool:
+        with self.lock:
+            bucket = self.buckets.get(key)
+            if bucket is None:
+                bucket = self.buckets[key] = _Bucket(tokens=float(per_minute), updated=now)
+            bucket.tokens = min(
+                float(per_minute), bucket.tokens + (now - bucket.updated) * per_minute / 60.0
+            )
+            bucket.updated = now
+            if bucket.tokens < 1.0:
+                return False
+            bucket.tokens -= 1.0
+            return True
+
+
+def _digest(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+class Gateway:
+    def __init__(
+        self,
+        *,
+        catalog: Catalog,
+        state: StateStore,
+        policy: PolicyEngine,
+        store: QueryStore,
+        audit: AuditLog,
+        tokens: AccessTokenIssuer,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.catalog = catalog
+        self.state = state
+        self.policy = policy
+        self.store = store
+        self.audit = audit
+        self.tokens = tokens
+        self.clock = clock
+        self._limiter = _RateLimiter()
+        self._policy_data_version = -1
+        self._policy_lock = threading.Lock()
+        self._grant_limits: dict[str, int] = {}
+
+    # -- readiness -----------------------------------------------------------------------
+    def readiness(self) -> dict[str, bool]:
+        checks = {"policy": False, "query_store": False, "state": False}
+        try:
+            self._sync_policy_data()
+            checks["policy"] = self.policy.ready()
+        except GatewayError:
+            checks["policy"] = False
+        checks["query_store"] = self.store.ready()
+        try:
+            self.state.version("grants")
+            checks["state"] = True
+        except StoreUnavailable:
+            checks["state"] = False
+        return checks
+
+    # -- policy data follows the grants table, in every worker ---------------------------
+    def _sync_policy_data(self) -> None:
+        version = self.state.version("grants")
+        if version == self._policy_data_version:
+            return
+        with self._policy_lock:
+            if version == self._policy_data_version:
+                return
+            grants = self.state.list_grants()
+            self.policy.set_data(policy_data(self.catalog, grants))
+            self._grant_limits = {
+                g.grant_id: int(g.body.get("rate_limit_per_minute", 600)) for g in grants
+            }
+            self._policy_data_version = version
+
+    def _decide(self, principal: Principal, action: str, purpose: str | None,
+                resource: dict[str, Any]) -> Decision:
+        self._sync_policy_data()
+        return self.policy.decide(
+            {
+                "subject": principal.policy_subject(),
+                "action": action,
+                "purpose": purpose,
+                "resource": resource,
+                "time_ns": int(self.clock() * 1_000_000_000),
+            }
+        )
+
+    # -- audit ---------------------------------------------------------------------------
+    def record(self, principal: Principal | None, action: str, *, status: int,
+               decision: str, **members: Any) -> int:
+        entry = AuditEntry(
+            ts=utc_timestamp(datetime.fromtimestamp(self.clock(), tz=UTC)),
+            actor=principal.client_id if principal else "anonymous",
+            role=principal.role if principal else "anonymous",
+            org=principal.org if principal else None,
+            action=action,
+            decision=decision,
+            status=status,
+            **members,
+        )
+        return self.audit.append(entry)
+
+    def authorize(self, principal: Principal, action: str) -> Decision:
+        """Role-level decision for management and audit calls; denies are audited here."""
+        try:
+            decision = self._decide(principal, action, None, {})
+        except PolicyEngineError as exc:
+            self.record(principal, action, status=exc.status, decision="error",
+                        error_code=exc.code, reasons=["policy engine unavailable"])
+            raise
+        if not decision.allow:
+            audit_id = self.record(principal, action, status=403, decision="deny",
+                                   reasons=list(decision.reasons),
+                                   policy_version=decision.policy_version)
+            raise PolicyDenied(decision.reasons, audit_id=audit_id)
+        return decision
+
+    # -- catalog -------------------------------------------------------------------------
+    def catalog_for(self, principal: Principal) -> dict[str, Any]:
+        decision = self.authorize(principal, "catalog.read")
+        now_ns = int(self.clock() * 1_000_000_000)
+        grants = [
+            g for g in self.state.list_grants(principal.org or "")
+            if g.revoked_at_ns is None and g.valid_from_ns <= now_ns < g.valid_until_ns
+        ]
+        datasets: dict[str, Any] = {}
+        for g in grants:
+            purpose = self.catalog.purposes[g.purpose]
+            for ds_name in g.body["datasets"]:
+                ds = self.catalog.datasets[ds_name]
+                dims = [d for d in g.body["dimensions"] if d in ds.dimensions]
+                measures = [m for m in g.body["measures"] if m in ds.measures]
+                entry = datasets.setdefault(ds_name, {"title": ds.title, "grants": []})
+                entry["grants"].append({
+                    "grant_id": g.grant_id,
+                    "purpose": g.purpose,
+                    "purpose_title": purpose.title,
+                    "dimensions": [
+                        {"name": d, "title": ds.dimensions[d].title,
+                         "values": g.body["filters"].get(d, ds.dimensions[d].values),
+                         "justification": purpose.necessary_fields.get(d)}
+                        for d in dims
+                    ],
+                    "measures": [
+                        {"name": m, "title": ds.measures[m].title,
+                         "functions": ["sum", "mean"],
+                         "justification": purpose.necessary_fields.get(m)}
+                        for m in measures
+                    ],
+                    "filters_required": g.body["filters"],
+                    "min_cell_size": g.body["min_cell_size"],
+                    "valid_until": grant_to_json(g, now_ns)["valid_until"],
+                })
+        body = {"datasets": datasets, "count_functions": ["count_persons", "count"]}
+        self.record(principal, "catalog.read", status=200, decision="allow",
+                    policy_version=decision.policy_version,
+                    response_hash=_digest(orjson.dumps(body)))
+        return body
+
+    # -- grants --------------------------------------------------------------------------
+    def create_grant(self, principal: Principal, request: GrantRequest) -> dict[str, Any]:
+        decision = self.authorize(principal, "grants.manage")
+        now = datetime.fromtimestamp(self.clock(), tz=UTC)
+        request_json = request.model_dump(mode="json")
+        try:
+            record = new_grant_record(request, self.catalog, created_by=principal.client_id,
+                                      now=now)
+            self.state.add_grant(record)
+        except GatewayError as exc:
+            self.record(principal, "grants.create", status=exc.status, decision="deny",
+                        error_code=exc.code, purpose=request.purpose, request=request_json,
+                        reasons=list(exc.details.get("problems", [exc.message])),
+                        policy_version=decision.policy_version)
+            raise
+        body = grant_to_json(record, int(self.clock() * 1e9))
+        self.record(principal, "grants.create", status=201, decision="allow",
+                    purpose=request.purpose, grant_id=record.grant_id, request=request_json,
+                    policy_version=decision.policy_version,
+                    response_hash=_digest(orjson.dumps(body)))
+        return body
+
+    def list_grants(self, principal: Principal, insurer: str | None) -> list[dict[str, Any]]:
+        decision = self.authorize(principal, "grants.manage")
+        now_ns = int(self.clock() * 1e9)
+        body = [grant_to_json(g, now_ns) for g in self.state.list_grants(insurer)]
+        self.record(principal, "grants.list", status=200, decision="allow",
+                    policy_version=decision.policy_version,
+                    response_hash=_digest(orjson.dumps(body)))
+        return body
+
+    def revoke_grant(self, principal: Principal, grant_id: str) -> dict[str, Any]:
+        decision = self.authorize(principal, "grants.manage")
+        try:
+            record = self.state.revoke_grant(grant_id, int(self.clock() * 1e9))
+        except (NotFound, GatewayError) as exc:
+            self.record(principal, "grants.revoke", status=exc.status, decision="deny",
+                        error_code=exc.code, grant_id=grant_id, reasons=[exc.message],
+                        policy_version=decision.policy_version)
+            raise
+        body = grant_to_json(record, int(self.clock() * 1e9))
+        self.record(principal, "grants.revoke", status=200, decision="allow", grant_id=grant_id,
+                    purpose=record.purpose, policy_version=decision.policy_version,
+                    response_hash=_digest(orjson.dumps(body)))
+        return body
+
+    # -- aggregate queries ---------------------------------------------------------------
+    def aggregate(self, principal: Principal, query: AggregateQuery) -> QueryResult:
+        action = "query.aggregate"
+        request_json = query.model_dump(mode="json", exclude_none=True)
+        fields = query.fields()
+        purpose = self.catalog.purposes.get(query.purpose)
+        justifications = {
+            f: purpose.necessary_fields[f]
+            for f in fields
+            if purpose is not None and f in purpose.necessary_fields
+        }
+        common: dict[str, Any] = {
+            "purpose": query.purpose, "request": request_json, "fields": fields,
+            "field_justifications": justifications,
+        }
+        try:
+            decision = self._decide(principal, action, query.purpose, query.policy_resource())
+        except PolicyEngineError as exc:
+            self.record(principal, action, status=exc.status, decision="error",
+                        error_code=exc.code, reasons=["policy engine unavailable"], **common)
+            raise
+        common["policy_version"] = decision.policy_version
+        if not decision.allow or decision.obligations is None:
+            audit_id = self.record(principal, action, status=403, decision="deny",
+                                   error_code=PolicyDenied.code,
+                                   reasons=list(decision.reasons), **common)
+            raise PolicyDenied(decision.reasons, audit_id=audit_id)
+        common["grant_id"] = decision.grant_id
+        limit = self._grant_limits.get(decision.grant_id or "", 600)
+        if not self._limiter.take(decision.grant_id or principal.client_id, limit, self.clock()):
+            self.record(principal, action, status=429, decision="deny",
+                        error_code=RateLimited.code,
+                        reasons=[f"rate limit of {limit} requests per minute"], **common)
+            raise RateLimited(f"rate limit of {limit} requests per minute exceeded")
+        try:
+            compiled = compile_aggregate(query, self.catalog)
+            _, raw_rows, data_version = self.store.fetch(compiled.sql)
+            result = disclose(
+                compiled.dimensions, compiled.measures, raw_rows,
+                min_cell_size=decision.obligations.min_cell_size,
+                max_rows=decision.obligations.max_rows,
+            )
+        except GatewayError as exc:
+            self.record(principal, action, status=exc.status, decision="error",
+                        error_code=exc.code, reasons=[exc.message], **common)
+            raise
+        body: dict[str, Any] = {
+            "columns": result.columns,
+            "rows": result.rows,
+            "suppressed": [c.to_json() for c in result.suppressed],
+            "suppressed_count": len(result.suppressed),
+            "min_cell_size": decision.obligations.min_cell_size,
+            "data_version": data_version,
+            "notes": result.notes,
+        }
+        audit_id = self.record(
+            principal, action, status=200, decision="allow",
+            cells_released=result.cells_released, cells_suppressed=len(result.suppressed),
+            data_version=data_version, response_hash=_digest(orjson.dumps(body)), **common,
+        )
+        body["audit_id"] = audit_id
+        return QueryResult(body=body, audit_id=audit_id)
+
+    # -- audit log for auditors --------------------------------------------------------
+    def audit_entries(self, principal: Principal, filters: dict[str, Any], *, limit: int,
+                      offset: int) -> dict[str, Any]:
+        decision = self.authorize(principal, "audit.read")
+        found = self.audit.search(**{k: v for k, v in filters.items() if v is not None},
+                                  limit=limit, offset=offset)
+        body = {
+            "entries": [{"index": i, **e.model_dump(mode="json")} for i, e in found],
+            "size": self.audit.size(),
+            "limit": limit,
+            "offset": offset,
+        }
+        self.record(principal, "audit.read", status=200, decision="allow",
+                    policy_version=decision.policy_version,
+                    request={k: v for k, v in filters.items() if v is not None},
+                    response_hash=_digest(orjson.dumps(body)))
+        return body

@@ -1,0 +1,387 @@
+# METADATA
+# title: Gateway authorization
+# description: >-
+#   One decision for every request to the 医保商保 data-sharing gateway. Default deny: a
+#   request is allowed only when no deny reason holds and, for aggregate queries, one live
+#   grant of the caller covers the whole query. "Least necessary" (最小必须) is enforced twice:
+#   the grant limits what an insurer may ask, and the purpose's necessary fields cap every
+#   grant. Anything missing or mistyped in the input or the data is a deny reason, never an
+#   error, so the decision document is always defined.
+#
+#   Written for speed, since every request waits for a decision: the allow path evaluates
+#   few rules and no per-grant function calls, bodies bind data subtrees to locals, and the
+#   wording of what needs more work (why a grant is unusable, what is malformed) is only
+#   worked out once the cheap checks have failed.
+# schemas:
+#   - input: schema.input
+#   - data: schema.data
+package gateway.authz
+
+# Aggregate functions the gateway computes. min and max are never allowed: each one is a
+# single person's value.
+aggregate_functions := {"count_persons", "count", "sum", "mean"}
+
+# Functions that aggregate a measure field; the two counts take none.
+field_functions := {"sum", "mean"}
+
+# What each role may do at all. query.aggregate also needs a grant that covers the query.
+role_actions := {
+	"insurer": {"catalog.read", "query.aggregate"},
+	"admin": {"grants.manage"},
+	"auditor": {"audit.read"},
+}
+
+# METADATA
+# title: Decision
+# description: >-
+#   The one entrypoint. Always defined: {allow, reasons (sorted, empty iff allow), grant_id
+#   (the covering grant of an allowed query, else null), obligations (null when denied)}.
+# entrypoint: true
+decision := {
+	"allow": true,
+	"reasons": [],
+	"grant_id": allowance.grant_id,
+	"obligations": allowance.obligations,
+} if {
+	count(deny_reasons) == 0
+	allowance
+} else := {
+	"allow": false,
+	"reasons": sort(explained_reasons),
+	"grant_id": null,
+	"obligations": null,
+}
+
+# A deny that no rule explains still says why.
+explained_reasons := deny_reasons if count(deny_reasons) > 0 else := {"denied by default"}
+
+# Query checks run only when the role may query at all, so an admin calling the query
+# endpoint hears about its role, not about grants it could never hold; and only on a query
+# of the documented shape, since a container of the wrong type would be read as empty (or
+# fail) and skip checks. A malformed query is told only what is malformed.
+deny_reasons := base_reasons | query_reasons if {
+	input.action == "query.aggregate"
+	role_may_act
+	well_shaped_query
+}
+
+deny_reasons := base_reasons | shape_reasons if {
+	input.action == "query.aggregate"
+	role_may_act
+	not well_shaped_query
+}
+
+deny_reasons := base_reasons if input.action != "query.aggregate"
+
+deny_reasons := base_reasons if not role_may_act
+
+role_may_act if input.action in role_actions[input.subject.role]
+
+# What an allowed request carries: the covering grant (queries only) and the obligations.
+# A grant may tighten the catalog defaults, never go below the floor or above the row cap.
+allowance := {
+	"grant_id": gid,
+	"obligations": {
+		"min_cell_size": max([object.get(g, "min_cell_size", defaults.min_cell_size), defaults.min_cell_size_floor]),
+		"max_rows": min([object.get(g, "max_rows", defaults.max_rows), defaults.max_rows]),
+		"mask_fields": [],
+		"noise": null,
+	},
+} if {
+	input.action == "query.aggregate"
+	defaults := catalog_defaults
+	gid := chosen_grant_id
+	g := usable_grants[gid]
+}
+
+allowance := {
+	"grant_id": null,
+	"obligations": {
+		"min_cell_size": max([defaults.min_cell_size, defaults.min_cell_size_floor]),
+		"max_rows": defaults.max_rows,
+		"mask_fields": [],
+		"noise": null,
+	},
+} if {
+	input.action != "query.aggregate"
+	defaults := catalog_defaults
+}
+
+catalog_defaults := defaults if {
+	defaults := data.gateway.catalog.defaults
+	is_number(defaults.min_cell_size)
+	is_number(defaults.min_cell_size_floor)
+	is_number(defaults.max_rows)
+}
+
+# --- reasons for every action --------------------------------------------------------------
+
+base_reasons contains "request has no subject role" if not is_string(input.subject.role)
+
+base_reasons contains "request has no action" if not is_string(input.action)
+
+base_reasons contains sprintf("action %s is not allowed for role %s", [input.action, input.subject.role]) if {
+	not role_may_act
+	is_string(input.subject.role)
+	is_string(input.action)
+}
+
+base_reasons contains "policy data has no valid catalog defaults" if not catalog_defaults
+
+# --- the query, read as sets ---------------------------------------------------------------
+
+# A member that is missing, or of the wrong type, reads as empty here so that no rule fails
+# on it (regorus evaluates eagerly under `with`); well_shaped_query denies the wrong type.
+requested_dimensions := {d | is_array(input.resource.dimensions); some d in input.resource.dimensions}
+
+query_measures := [m | is_array(input.resource.measures); some m in input.resource.measures]
+
+query_filters := {k: v | is_object(input.resource.filters); some k, v in input.resource.filters}
+
+query_fields := {f | is_array(input.resource.fields); some f in input.resource.fields}
+
+measure_fields := {m.field | some m in query_measures; m.field != null}
+
+filter_keys := {k | some k, _ in query_filters}
+
+# Every field the query touches: grouped on, aggregated, filtered on, or listed by the caller.
+requested_fields := ((requested_dimensions | measure_fields) | filter_keys) | query_fields
+
+# --- reasons for query.aggregate: the shape of the request -------------------------------------
+
+# One cheap test on the allow path; what exactly is wrong is only worked out when it fails.
+well_shaped_query if {
+	[
+		type_name(object.get(input, ["subject", "org"], null)),
+		type_name(object.get(input, "purpose", null)),
+		type_name(object.get(input, "time_ns", null)),
+		type_name(object.get(input, ["resource", "dataset"], null)),
+		type_name(object.get(input, ["resource", "dimensions"], [])),
+		type_name(object.get(input, ["resource", "measures"], [])),
+		type_name(object.get(input, ["resource", "filters"], {})),
+		type_name(object.get(input, ["resource", "fields"], [])),
+	] == ["string", "string", "number", "string", "array", "array", "object", "array"]
+	every item in object.get(input, ["resource", "measures"], []) {
+		is_string(item.fn)
+	}
+	every values in object.get(input, ["resource", "filters"], {}) {
+		is_array(values)
+	}
+}
+
+shape_reasons contains "request has no subject org" if not is_string(input.subject.org)
+
+shape_reasons contains "request has no purpose" if not is_string(input.purpose)
+
+shape_reasons contains "request has no time" if not is_number(input.time_ns)
+
+shape_reasons contains "request has no resource" if not is_object(input.resource)
+
+shape_reasons contains "resource has no dataset" if {
+	is_object(input.resource)
+	not is_string(input.resource.dataset)
+}
+
+shape_reasons contains "resource.dimensions must be a list of strings" if {
+	not is_array(object.get(input, ["resource", "dimensions"], []))
+}
+
+shape_reasons contains "resource.measures must be a list of {fn, field?} objects" if {
+	not is_array(object.get(input, ["resource", "measures"], []))
+}
+
+shape_reasons contains "resource.measures must be a list of {fn, field?} objects" if {
+	measures := object.get(input, ["resource", "measures"], [])
+	is_array(measures)
+	some item in measures
+	not is_string(item.fn)
+}
+
+shape_reasons contains "resource.filters must map dimensions to lists of strings" if {
+	not is_object(object.get(input, ["resource", "filters"], {}))
+}
+
+shape_reasons contains "resource.filters must map dimensions to lists of strings" if {
+	filters := object.get(input, ["resource", "filters"], {})
+	is_object(filters)
+	some values in filters
+	not is_array(values)
+}
+
+shape_reasons contains "resource.fields must be a list of strings" if {
+	not is_array(object.get(input, ["resource", "fields"], []))
+}
+
+# --- reasons for query.aggregate: functions, the catalog and the purpose ------------------------
+
+query_reasons contains sprintf("aggregate function %v is not allowed", [item.fn]) if {
+	some item in query_measures
+	not item.fn in aggregate_functions
+}
+
+query_reasons contains sprintf("aggregate function %v needs a measure field", [item.fn]) if {
+	some item in query_measures
+	item.fn in field_functions
+	not is_string(item.field)
+}
+
+query_reasons contains sprintf("dataset %v is not in the catalog", [input.resource.dataset]) if {
+	not is_object(data.gateway.catalog.datasets[input.resource.dataset])
+}
+
+# Fields of the dataset the query names, checked against the catalog in one pass.
+query_reasons contains msg if {
+	ds := data.gateway.catalog.datasets[input.resource.dataset]
+	name := input.resource.dataset
+	some msg in ((({sprintf("dimension %v is not a dimension of dataset %s", [d, name]) |
+		some d in requested_dimensions
+		not d in ds.dimensions
+	} | {sprintf("filter on %v is not a dimension of dataset %s", [k, name]) |
+		some k in filter_keys
+		not k in ds.dimensions
+	}) | {sprintf("field %v is not a measure of dataset %s", [f, name]) |
+		some f in measure_fields
+		not f in ds.measures
+	}) | {sprintf("field %v is not a field of dataset %s", [f, name]) |
+		# Only listed fields that no dimension, measure or filter above already explains.
+		some f in query_fields
+		not f in ds.dimensions
+		not f in ds.measures
+		not f in requested_dimensions
+		not f in measure_fields
+		not f in filter_keys
+	})
+}
+
+query_reasons contains sprintf("purpose %v is not in the catalog", [input.purpose]) if {
+	not is_object(data.gateway.catalog.purposes[input.purpose])
+}
+
+# "最小必须": the purpose caps every grant, even one that somehow lists more.
+query_reasons contains sprintf("field %v is not necessary for purpose %s", [f, input.purpose]) if {
+	purpose := data.gateway.catalog.purposes[input.purpose]
+	necessary := purpose.necessary_fields
+	some f in requested_fields
+	not f in necessary
+}
+
+# --- reasons for query.aggregate: the grants ---------------------------------------------------
+
+# The caller's own grants for the requested purpose. Another insurer's grant is never a
+# candidate: it can only show up as "no grant". grant_index ({insurer: {purpose: [grant
+# ids]}}, derived from grants by the engine adapter) saves walking every grant of every
+# insurer on each decision; it only narrows the search, each grant is still checked here.
+candidate_grants := {gid: g |
+	# Two dynamic keys in one reference are slow in regorus; one at a time is not.
+	by_purpose := data.gateway.grant_index[input.subject.org]
+	ids := by_purpose[input.purpose]
+	is_array(ids)
+	some gid in ids
+	g := data.gateway.grants[gid]
+	g.insurer == input.subject.org
+	g.purpose == input.purpose
+} if {
+	is_object(data.gateway.grant_index)
+} else := {gid: g |
+	is_object(data.gateway.grants)
+	some gid, g in data.gateway.grants
+	g.insurer == input.subject.org
+	g.purpose == input.purpose
+}
+
+# Live candidates that cover the dataset. Times of another type would compare as always
+# valid, so they must be numbers; anything else odd makes the grant unusable.
+usable_grants := {gid: g |
+	some gid, g in candidate_grants
+	g.revoked == false
+	is_number(g.valid_from_ns)
+	is_number(g.valid_until_ns)
+	g.valid_from_ns <= input.time_ns
+	input.time_ns < g.valid_until_ns
+	input.resource.dataset in g.datasets
+	is_object(object.get(g, "filters", {}))
+	is_number(object.get(g, "min_cell_size", 1))
+	is_number(object.get(g, "max_rows", 1))
+}
+
+# What each usable grant leaves uncovered; a grant with no gaps covers the query.
+grant_gaps := {gid: gaps(g) | some gid, g in usable_grants}
+
+# Several grants may cover a query; the smallest id wins so the choice is stable.
+chosen_grant_id := min({gid | some gid, missing in grant_gaps; count(missing) == 0})
+
+gaps(g) := (((({sprintf("dimension %v is not granted", [d]) |
+	some d in requested_dimensions
+	not d in g.dimensions
+} | {sprintf("measure field %v is not granted", [f]) |
+	some f in measure_fields
+	not f in g.measures
+}) | {sprintf("field %v is not granted", [f]) |
+	# Only listed fields that no dimension, measure or filter here already explains.
+	some f in query_fields
+	not f in g.dimensions
+	not f in g.measures
+	not f in requested_dimensions
+	not f in measure_fields
+	not f in filter_keys
+}) | {sprintf("filter on %v is not granted", [k]) |
+	# Filtering on a dimension the grant itself restricts is fine even when the grant
+	# does not list it for grouping.
+	some k in filter_keys
+	not k in g.dimensions
+	not g.filters[k]
+}) | {sprintf("filter on %s must stay within the granted values", [k]) |
+	# A grant filter such as insu_admdvs: ["420100"] binds every query: the query must
+	# filter that dimension to a non-empty subset of the granted values.
+	some k, allowed in object.get(g, "filters", {})
+	not within(object.get(query_filters, k, []), allowed)
+})
+
+within(values, allowed) if {
+	is_array(values)
+	count(values) > 0
+	every v in values {
+		v in allowed
+	}
+}
+
+query_reasons contains sprintf("no grant for purpose %v", [input.purpose]) if {
+	count(candidate_grants) == 0
+	is_string(input.subject.org)
+}
+
+# Why each candidate is unusable, worked out only when no grant is usable at all.
+query_reasons contains msg if {
+	count(usable_grants) == 0
+	some gid, g in candidate_grants
+	msg := unusable_reason(gid, g)
+}
+
+unusable_reason(gid, g) := sprintf("grant %s was revoked", [gid]) if {
+	g.revoked == true
+} else := sprintf("grant %s is malformed", [gid]) if {
+	not well_formed_grant(g)
+} else := sprintf("grant %s is not yet valid", [gid]) if {
+	input.time_ns < g.valid_from_ns
+} else := sprintf("grant %s has expired", [gid]) if {
+	input.time_ns >= g.valid_until_ns
+} else := sprintf("dataset %v is not granted", [input.resource.dataset]) if {
+	is_number(input.time_ns)
+	not input.resource.dataset in g.datasets
+}
+
+well_formed_grant(g) if {
+	is_boolean(g.revoked)
+	is_number(g.valid_from_ns)
+	is_number(g.valid_until_ns)
+	is_array(g.datasets)
+	is_object(object.get(g, "filters", {}))
+	is_number(object.get(g, "min_cell_size", 1))
+	is_number(object.get(g, "max_rows", 1))
+}
+
+query_reasons contains gap if {
+	not chosen_grant_id
+	some missing in grant_gaps
+	some gap in missing
+}
