@@ -10,9 +10,9 @@ import logging
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import ORJSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from gateway.api.responses import Json
 from gateway.errors import AuthenticationFailed, GatewayError
 
 __all__ = ["error_response", "install_error_handlers"]
@@ -20,14 +20,14 @@ __all__ = ["error_response", "install_error_handlers"]
 log = logging.getLogger("gateway.api")
 
 
-def error_response(exc: GatewayError) -> ORJSONResponse:
+def error_response(exc: GatewayError) -> Json:
     headers = {}
     if isinstance(exc, AuthenticationFailed):
         headers["WWW-Authenticate"] = f'Bearer error="{exc.code}"'
     audit_id = exc.details.get("audit_id")
     if audit_id is not None:
         headers["Audit-Index"] = str(audit_id)
-    return ORJSONResponse(exc.to_json(), status_code=exc.status, headers=headers)
+    return Json(exc.to_json(), status_code=exc.status, headers=headers)
 
 
 def _validation_message(exc: RequestValidationError) -> str:
@@ -41,26 +41,26 @@ def _validation_message(exc: RequestValidationError) -> str:
 
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(GatewayError)
-    async def _gateway_error(_: Request, exc: GatewayError) -> ORJSONResponse:
+    async def _gateway_error(_: Request, exc: GatewayError) -> Json:
         return error_response(exc)
 
     @app.exception_handler(RequestValidationError)
-    async def _invalid(_: Request, exc: RequestValidationError) -> ORJSONResponse:
+    async def _invalid(_: Request, exc: RequestValidationError) -> Json:
         body = {"error": {"code": "bad_request", "message": _validation_message(exc)}}
-        return ORJSONResponse(body, status_code=400)
+        return Json(body, status_code=400)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> ORJSONResponse:
+    async def _http(_: Request, exc: StarletteHTTPException) -> Json:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         message = {404: "no such endpoint", 405: "method not allowed"}.get(
             exc.status_code, "request failed"
         )
-        return ORJSONResponse({"error": {"code": code, "message": message}},
+        return Json({"error": {"code": code, "message": message}},
                               status_code=exc.status_code)
 
     @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception) -> ORJSONResponse:
+    async def _unexpected(_: Request, exc: Exception) -> Json:
         log.error("unexpected error: %s", type(exc).__name__)
-        return ORJSONResponse(
+        return Json(
             {"error": {"code": "internal_error", "message": "internal error"}}, status_code=500
         )

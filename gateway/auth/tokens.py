@@ -32,7 +32,7 @@ __all__ = [
 ]
 
 ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
-ACCESS_TOKEN_TYP = "at+jwt"
+ACCESS_TOKEN_TYP = "at+jwt"  # noqa: S105 - a media type, not a secret
 _MAX_ASSERTION_LIFETIME_S = 300
 _LEEWAY_S = 30
 _FORBIDDEN_HEADERS = ("jku", "x5u", "jwk", "x5c", "crit")

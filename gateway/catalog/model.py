@@ -127,7 +127,9 @@ class Catalog(_Strict):
             raise ValueError("defaults.min_cell_size is below min_cell_size_floor")
         for dname, ds in self.datasets.items():
             if ds.person_key in ds.fields():
-                raise ValueError(f"dataset {dname}: the person key may not be a dimension or measure")
+                raise ValueError(
+                    f"dataset {dname}: the person key may not be a dimension or measure"
+                )
         return self
 
     def dataset(self, name: str) -> Dataset | None:

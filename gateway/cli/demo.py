@@ -106,7 +106,8 @@ def prepare_demo(*, persons: int, seed: int, port: int, workdir: Path) -> dict[s
     if not live:
         gateway = build_gateway(settings)
         try:
-            admin = Principal(client_id="demo-admin", role="admin", org=None, token_id="demo")
+            admin = Principal(client_id="demo-admin", role="admin", org=None,
+                              token_id="demo")  # noqa: S106 - an id, not a secret
             request = GrantRequest.model_validate({
                 **PRICING_GRANT,
                 "valid_until": (datetime.now(UTC) + timedelta(days=365)).isoformat(),
@@ -143,10 +144,12 @@ _EXAMPLES = """
   import httpx, json
   from gateway.cli.clients import fetch_token
   token = fetch_token(Path("{cred}"), "insurer")
-  r = httpx.post("{base_url}/v1/query/aggregate", headers={{"Authorization": f"Bearer {{token}}"}},
+  r = httpx.post("{base_url}/v1/query/aggregate",
+                 headers={{"Authorization": f"Bearer {{token}}"}},
                  json={{"purpose": "hmb_pricing", "dataset": "person_years",
-                       "dimensions": ["age_band"], "measures": [{{"fn": "sum", "field": "exposure"}},
-                       {{"fn": "mean", "field": "psn_part_amt"}}]}})
+                       "dimensions": ["age_band"],
+                       "measures": [{{"fn": "sum", "field": "exposure"}},
+                                    {{"fn": "mean", "field": "psn_part_amt"}}]}})
   print(json.dumps(r.json(), ensure_ascii=False, indent=1))
 
   OpenAPI: {base_url}/docs    Stop with Ctrl-C.

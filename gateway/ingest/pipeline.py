@@ -65,7 +65,9 @@ def _stage(con: duckdb.DuckDBPyConnection, view: str, path: Path) -> list[str]:
             exp.Literal.string(str(path)),
             exp.EQ(this=exp.column("file_row_number"), expression=exp.true()),
         )
-        row = exp.Add(this=exp.column("file_row_number"), expression=exp.Literal.number(1))
+        row: exp.Expression = exp.Add(
+            this=exp.column("file_row_number"), expression=exp.Literal.number(1)
+        )
         hidden = {"file_row_number"}
     elif suffix == ".csv":
         reader = exp.func(
@@ -85,7 +87,8 @@ def _stage(con: duckdb.DuckDBPyConnection, view: str, path: Path) -> list[str]:
         raise IngestRejected("file cannot be read", file=path.name) from exc
     columns = [str(r[0]) for r in described if r[0] not in hidden]
     if ROW_COLUMN in columns:
-        raise IngestRejected("column is not declared in the catalog", file=path.name, column=ROW_COLUMN)
+        raise IngestRejected("column is not declared in the catalog", file=path.name,
+                             column=ROW_COLUMN)
     select = exp.select(row.as_(ROW_COLUMN), *[exp.column(c) for c in columns]).from_(
         exp.Table(this=reader)
     )
@@ -232,8 +235,9 @@ def _build_tables(
     progress("deriving person-years")
     sums = ", ".join(f"sum({a}) AS {a}" for a in _YEARLY_AMOUNTS)
     coalesced = ", ".join(f"coalesce(agg.{a}, 0)::DECIMAL(18,2) AS {a}" for a in _YEARLY_AMOUNTS)
+    # Fragments below are module constants; no input reaches this text.
     con.execute(
-        "CREATE TABLE person_years AS "
+        "CREATE TABLE person_years AS "  # noqa: S608
         "WITH bounds AS (SELECT min(year) AS lo, max(year) AS hi FROM settlements), "
         "years AS (SELECT unnest(range(lo, hi + 1)) AS year FROM bounds), "
         "py AS (SELECT p.psn_id, y.year, p.gend, p.birth_year, p.insutype, p.insu_admdvs, "
@@ -265,8 +269,8 @@ def _check_references(con: duckdb.DuckDBPyConnection, file: str) -> None:
 
 
 def _count(con: duckdb.DuckDBPyConnection, table: str) -> int:
-    row = con.execute(exp.select(exp.func("count", exp.Star())).from_(table).sql("duckdb")).fetchall()[0]
-    return int(row[0]) if row else 0
+    query = exp.select(exp.func("count", exp.Star())).from_(table)
+    return int(con.execute(query.sql("duckdb")).fetchall()[0][0])
 
 
 def new_version_name(now: datetime | None = None) -> str:
@@ -296,7 +300,9 @@ def ingest(
     version = new_version_name()
     building = layout.tmp / f"{version}.duckdb"
     started = time.perf_counter()
-    config: dict[str, object] = {"threads": threads} if threads else {}
+    config: dict[str, str | bool | int | float | list[str]] = (
+        {"threads": threads} if threads else {}
+    )
     con = duckdb.connect(str(building), config=config)
     try:
         con.execute("SET enable_progress_bar = false")

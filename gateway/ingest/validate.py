@@ -6,7 +6,7 @@ file, the first bad row (1-based, data rows) and the column, never the value.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import duckdb
 from sqlglot import exp
@@ -38,10 +38,10 @@ def check_columns(file: str, columns: Sequence[str], source: Source) -> None:
             raise IngestRejected("declared column is missing", file=file, column=field)
 
 
-def _bad_value(name: str, field: SourceField, allowed: Sequence[str] | None) -> exp.Expression:
+def _bad_value(name: str, field: SourceField, allowed: Sequence[str] | None) -> exp.Expr:
     col = exp.column(name)
     text = exp.cast(col, "VARCHAR")
-    conditions: list[exp.Expression] = []
+    conditions: list[exp.Expr] = []
     if not field.nullable:
         conditions.append(exp.Is(this=col, expression=exp.null()))
     if field.type is not FieldType.STRING:
@@ -72,7 +72,7 @@ def check_values(
     file: str,
     table: str,
     source: Source,
-    allowed_values: dict[str, Sequence[str]],
+    allowed_values: Mapping[str, Sequence[str]],
 ) -> None:
     """One pass over the staged table: the first bad row of each column, earliest wins."""
     selects = [
@@ -90,8 +90,6 @@ def check_values(
     ]
     query = exp.select(*selects).from_(exp.to_table(table))
     row = con.execute(query.sql(dialect="duckdb")).fetchall()[0]
-    if row is None:
-        return
     worst: tuple[int, str] | None = None
     for name, bad_row in zip(source.fields, row, strict=True):
         if bad_row is not None and (worst is None or bad_row < worst[0]):

@@ -129,8 +129,19 @@ def _is_mapping(value: object) -> bool:
     return isinstance(value, Mapping)
 
 
+def _plain(value: object) -> object:
+    # Mappings other than dict (e.g. MappingProxyType) are JSON objects too.
+    if isinstance(value, Mapping):
+        return dict(value)
+    raise TypeError(f"{type(value).__name__} is not JSON")
+
+
+# One encoder for every call: json.dumps with options builds a new one each time.
+_ENCODER: Final = json.JSONEncoder(separators=(",", ":"), allow_nan=False, default=_plain)
+
+
 def _input_json(policy_input: Mapping[str, Any]) -> str:
-    return json.dumps(policy_input, separators=(",", ":"), allow_nan=False)
+    return _ENCODER.encode(policy_input)
 
 
 class _Evaluator(Protocol):
@@ -280,9 +291,7 @@ class RegorusEngine:
                 self._state = failed
                 raise PolicyEngineError("policy data must be a JSON object")
             try:
-                data_json = json.dumps(
-                    with_grant_index(data), separators=(",", ":"), allow_nan=False
-                )
+                data_json = _ENCODER.encode(with_grant_index(data))
             except PolicyEngineError:
                 self._state = failed
                 raise

@@ -44,8 +44,18 @@ def compile_aggregate(query: AggregateQuery, catalog: Catalog) -> CompiledQuery:
     >>> q = AggregateQuery(purpose="hmb_pricing", dataset="settlements", dimensions=["gend"],
     ...                    measures=[{"fn": "sum", "field": "medfee_sumamt"}],
     ...                    filters={"year": [2024]})
-    >>> print(compile_aggregate(q, default_catalog()).sql)
-    SELECT gend, COUNT(DISTINCT psn_id) AS _n_persons, SUM(medfee_sumamt) AS sum_medfee_sumamt FROM settlements WHERE year IN (2024) GROUP BY gend ORDER BY gend
+    >>> print(compile_aggregate(q, default_catalog()).tree.sql("duckdb", pretty=True))
+    SELECT
+      gend,
+      COUNT(DISTINCT psn_id) AS _n_persons,
+      SUM(medfee_sumamt) AS sum_medfee_sumamt
+    FROM settlements
+    WHERE
+      year IN (2024)
+    GROUP BY
+      gend
+    ORDER BY
+      gend
     """
     dataset = catalog.dataset(query.dataset)
     if dataset is None:
@@ -56,7 +66,7 @@ def compile_aggregate(query: AggregateQuery, catalog: Catalog) -> CompiledQuery:
         if name not in dataset.dimensions:
             raise QueryRejected(f"{name} is not a dimension of {query.dataset}")
     person = exp.column(dataset.person_key)
-    selects: list[exp.Expression] = [exp.column(d) for d in query.dimensions]
+    selects: list[exp.Expr] = [exp.column(d) for d in query.dimensions]
     selects.append(exp.Count(this=exp.Distinct(expressions=[person])).as_(PERSONS_COLUMN))
     aliases: list[str] = []
     for measure in query.measures:
@@ -65,7 +75,7 @@ def compile_aggregate(query: AggregateQuery, catalog: Catalog) -> CompiledQuery:
         if measure.fn in ("count_persons", "count"):
             if measure.field is not None:
                 raise QueryRejected(f"{measure.fn} takes no field")
-            node: exp.Expression = (
+            node: exp.Expr = (
                 exp.Count(this=exp.Distinct(expressions=[person.copy()]))
                 if measure.fn == "count_persons"
                 else exp.Count(this=exp.Star())

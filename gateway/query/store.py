@@ -134,12 +134,13 @@ class QueryStore:
             if version is None:
                 return
             try:
-                config: dict[str, Any] = {"memory_limit": self.memory_limit}
+                # Limits are set after connecting: a connect-time config would make every
+                # other read-only handle on the same file in this process incompatible.
+                conn = duckdb.connect(str(self.layout.version_path(version)), read_only=True)
+                conn.execute("SET memory_limit = ?", [self.memory_limit])
+                conn.execute("SET enable_progress_bar = false")
                 if self.threads:
-                    config["threads"] = self.threads
-                conn = duckdb.connect(
-                    str(self.layout.version_path(version)), read_only=True, config=config
-                )
+                    conn.execute("SET threads = ?", [self.threads])
             except duckdb.Error as exc:
                 raise StoreUnavailable("query store cannot be opened") from exc
             old = self._conn

@@ -164,9 +164,10 @@ class StateStore(ABC):
 
     def _grants(self, where: str, params: tuple[Any, ...]) -> list[GrantRecord]:
         with self._tx() as cur:
+            # `where` is one of two fixed clauses; values are bound parameters.
             cur.execute(
-                "SELECT grant_id, insurer, purpose, body, valid_from_ns, valid_until_ns, "
-                "revoked_at_ns, created_by, created_at_ns FROM grants "  # noqa: S608 - fixed clauses
+                "SELECT grant_id, insurer, purpose, body, valid_from_ns, valid_until_ns, "  # noqa: S608
+                "revoked_at_ns, created_by, created_at_ns FROM grants "
                 + where
                 + " ORDER BY created_at_ns, grant_id",
                 params,

@@ -98,7 +98,7 @@ def test_assertion_is_not_an_access_token_and_vice_versa(env: Env) -> None:
 
 def test_tampered_access_token_is_refused(env: Env) -> None:
     token = env.token("insurer")
-    header, payload, signature = token.split(".")
+    header, _, signature = token.split(".")
     claims = jwt.decode(token, options={"verify_signature": False})
     claims["role"] = "admin"
     forged_payload = jwt.utils.base64url_encode(

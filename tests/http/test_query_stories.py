@@ -34,7 +34,8 @@ def test_catalog_lists_granted_fields_with_justifications(env: Env) -> None:
                          "hosp_lv"}
     assert dims["gend"]["justification"]
     measures = {m["name"] for m in grant["measures"]}
-    assert "psn_part_amt" in measures and "acct_pay" not in measures
+    assert "psn_part_amt" in measures
+    assert "acct_pay" not in measures
     assert "exposure" not in measures  # a person_years measure, not a settlements one
 
 
@@ -76,7 +77,7 @@ def test_aggregate_matches_duckdb_and_suppresses_small_cells(
             assert got[3:] == [None, None, None, None]
         else:
             assert i not in suppressed_rows
-            assert got[3] == want[3] and got[4] == want[4]
+            assert got[3:5] == [want[3], want[4]]
             assert Decimal(str(got[5])) == want[5]
             assert got[6] == pytest.approx(float(want[6]), abs=0.01)
     assert response.headers["Audit-Index"] == str(result["audit_id"])
@@ -142,7 +143,8 @@ def test_revoked_grant_stops_the_very_next_request(env: Env) -> None:
     body = {**Q_BASE, "dimensions": ["gend"], "measures": [{"fn": "count"}]}
     assert env.aggregate("insurer", body).status_code == 200
     revoked = env.client.delete(f"/v1/grants/{env.grant_id}", headers=env.headers("admin"))
-    assert revoked.status_code == 200 and revoked.json()["status"] == "revoked"
+    assert revoked.status_code == 200
+    assert revoked.json()["status"] == "revoked"
     response = env.aggregate("insurer", body)
     assert response.status_code == 403
     assert any("revoked" in r for r in response.json()["error"]["reasons"])
@@ -186,12 +188,14 @@ def test_every_request_allowed_or_denied_is_audited(env: Env) -> None:
     entries = env.client.get("/v1/audit/entries", params={"action": "query.aggregate"},
                              headers=env.headers("auditor")).json()["entries"]
     decisions = [(e["decision"], e["status"]) for e in entries]
-    assert ("allow", 200) in decisions and ("deny", 403) in decisions
+    assert ("allow", 200) in decisions
+    assert ("deny", 403) in decisions
     allowed = next(e for e in entries if e["decision"] == "allow")
     assert allowed["grant_id"] == env.grant_id
     assert allowed["fields"] == ["gend"]
     assert allowed["field_justifications"]["gend"]
-    assert allowed["policy_version"] and allowed["data_version"]
+    assert allowed["policy_version"]
+    assert allowed["data_version"]
     assert allowed["response_hash"].startswith("sha256:")
     assert allowed["cells_released"] == 2
     env.gateway.audit.verify()

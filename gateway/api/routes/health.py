@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Response
-from fastapi.responses import ORJSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from gateway.api.deps import GatewayDep
 from gateway.api.metrics import REGISTRY
+from gateway.api.responses import Json
 
 router = APIRouter(tags=["health"])
 
@@ -18,10 +18,10 @@ def healthz() -> dict[str, str]:
 
 
 @router.get("/readyz")
-def readyz(gateway: GatewayDep) -> ORJSONResponse:
+def readyz(gateway: GatewayDep) -> Json:
     checks = gateway.readiness()
     ready = all(checks.values())
-    return ORJSONResponse(
+    return Json(
         {"status": "ready" if ready else "not_ready", "checks": checks},
         status_code=200 if ready else 503,
     )

@@ -5,9 +5,9 @@ from __future__ import annotations
 from urllib.parse import parse_qs
 
 from fastapi import APIRouter, Request
-from fastapi.responses import ORJSONResponse
 
 from gateway.api.deps import GatewayDep
+from gateway.api.responses import Json
 from gateway.errors import AuthenticationFailed, BadRequest
 
 router = APIRouter(tags=["oauth"])
@@ -31,7 +31,7 @@ _FIELDS = ("grant_type", "client_assertion_type", "client_assertion")
         }
     },
 )
-async def token(request: Request, gateway: GatewayDep) -> ORJSONResponse:
+async def token(request: Request, gateway: GatewayDep) -> Json:
     if not request.headers.get("content-type", "").startswith(
         "application/x-www-form-urlencoded"
     ):
@@ -68,4 +68,4 @@ async def token(request: Request, gateway: GatewayDep) -> ORJSONResponse:
     from starlette.concurrency import run_in_threadpool
 
     result = await run_in_threadpool(exchange)
-    return ORJSONResponse(result, headers={"Cache-Control": "no-store", "Pragma": "no-cache"})
+    return Json(result, headers={"Cache-Control": "no-store", "Pragma": "no-cache"})

@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Response
-from fastapi.responses import ORJSONResponse
 
 from gateway.api.deps import CurrentPrincipal, GatewayDep
+from gateway.api.responses import Json
 from gateway.query.spec import AggregateQuery
 from gateway.service.grants import GrantRequest
 
@@ -15,15 +15,15 @@ router = APIRouter(prefix="/v1")
 
 
 @router.get("/catalog", tags=["catalog"])
-def read_catalog(principal: CurrentPrincipal, gateway: GatewayDep) -> ORJSONResponse:
-    return ORJSONResponse(gateway.catalog_for(principal))
+def read_catalog(principal: CurrentPrincipal, gateway: GatewayDep) -> Json:
+    return Json(gateway.catalog_for(principal))
 
 
 @router.post("/grants", status_code=201, tags=["grants"])
 def create_grant(
     body: GrantRequest, principal: CurrentPrincipal, gateway: GatewayDep
-) -> ORJSONResponse:
-    return ORJSONResponse(gateway.create_grant(principal, body), status_code=201)
+) -> Json:
+    return Json(gateway.create_grant(principal, body), status_code=201)
 
 
 @router.get("/grants", tags=["grants"])
@@ -31,21 +31,21 @@ def list_grants(
     principal: CurrentPrincipal,
     gateway: GatewayDep,
     insurer: Annotated[str | None, Query(max_length=64)] = None,
-) -> ORJSONResponse:
-    return ORJSONResponse({"grants": gateway.list_grants(principal, insurer)})
+) -> Json:
+    return Json({"grants": gateway.list_grants(principal, insurer)})
 
 
 @router.delete("/grants/{grant_id}", tags=["grants"])
-def revoke_grant(grant_id: str, principal: CurrentPrincipal, gateway: GatewayDep) -> ORJSONResponse:
-    return ORJSONResponse(gateway.revoke_grant(principal, grant_id))
+def revoke_grant(grant_id: str, principal: CurrentPrincipal, gateway: GatewayDep) -> Json:
+    return Json(gateway.revoke_grant(principal, grant_id))
 
 
 @router.post("/query/aggregate", tags=["query"])
 def aggregate(
     body: AggregateQuery, principal: CurrentPrincipal, gateway: GatewayDep, response: Response
-) -> ORJSONResponse:
+) -> Json:
     result = gateway.aggregate(principal, body)
-    return ORJSONResponse(result.body, headers={"Audit-Index": str(result.audit_id)})
+    return Json(result.body, headers={"Audit-Index": str(result.audit_id)})
 
 
 @router.get("/audit/entries", tags=["audit"])
@@ -61,9 +61,9 @@ def audit_entries(
     until: Annotated[str | None, Query(max_length=40)] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     offset: Annotated[int, Query(ge=0)] = 0,
-) -> ORJSONResponse:
+) -> Json:
     filters: dict[str, Any] = {
         "actor": actor, "org": org, "purpose": purpose, "action": action,
         "decision": decision, "since": since, "until": until,
     }
-    return ORJSONResponse(gateway.audit_entries(principal, filters, limit=limit, offset=offset))
+    return Json(gateway.audit_entries(principal, filters, limit=limit, offset=offset))
