@@ -142,6 +142,7 @@ _EXAMPLES = """
 
   # Python
   import httpx, json
+  from pathlib import Path
   from gateway.cli.clients import fetch_token
   token = fetch_token(Path("{cred}"), "insurer")
   r = httpx.post("{base_url}/v1/query/aggregate",
