@@ -117,16 +117,21 @@ def main() -> None:
                 http_times: list[float] = []
                 duck_times: list[float] = []
                 for i in range(args.repeat + 2):
-                    t0 = time.perf_counter()
-                    response = client.post("/v1/query/aggregate", json=body)
-                    t1 = time.perf_counter()
-                    if response.status_code != 200:
-                        raise SystemExit(f"{name}: HTTP {response.status_code} {response.text}")
-                    direct.execute(sql).fetchall()
-                    t2 = time.perf_counter()
+                    # Alternate which side goes first so neither always meets a warmer cache.
+                    sides = ["http", "duckdb"] if i % 2 == 0 else ["duckdb", "http"]
+                    took: dict[str, float] = {}
+                    for side in sides:
+                        t0 = time.perf_counter()
+                        if side == "http":
+                            response = client.post("/v1/query/aggregate", json=body)
+                            if response.status_code != 200:
+                                raise SystemExit(f"{name}: HTTP {response.status_code}")
+                        else:
+                            direct.execute(sql).fetchall()
+                        took[side] = time.perf_counter() - t0
                     if i >= 2:  # two warm-up rounds
-                        http_times.append(t1 - t0)
-                        duck_times.append(t2 - t1)
+                        http_times.append(took["http"])
+                        duck_times.append(took["duckdb"])
                     print(f"\r{name}: {i + 1}/{args.repeat + 2}", end="", file=sys.stderr)
                 print(file=sys.stderr)
                 http_med = statistics.median(http_times)

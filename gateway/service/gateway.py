@@ -31,7 +31,7 @@ from gateway.errors import (
     StoreUnavailable,
 )
 from gateway.policy import Decision, PolicyEngine
-from gateway.query.compiler import compile_aggregate
+from gateway.query.compiler import CompiledQuery, compile_aggregate
 from gateway.query.spec import AggregateQuery
 from gateway.query.store import QueryStore
 from gateway.service.grants import GrantRequest, grant_to_json, new_grant_record, policy_data
@@ -101,6 +101,7 @@ class Gateway:
         self._policy_data_version = -1
         self._policy_lock = threading.Lock()
         self._grant_limits: dict[str, int] = {}
+        self._compiled: dict[str, CompiledQuery] = {}
 
     # -- readiness -----------------------------------------------------------------------
     def readiness(self) -> dict[str, bool]:
@@ -265,6 +266,17 @@ class Gateway:
         return body
 
     # -- aggregate queries ---------------------------------------------------------------
+    def _compile(self, query: AggregateQuery) -> CompiledQuery:
+        """Compilation is pure, so repeated questions reuse their SQL (bounded cache)."""
+        key = query.model_dump_json()
+        compiled = self._compiled.get(key)
+        if compiled is None:
+            compiled = compile_aggregate(query, self.catalog)
+            if len(self._compiled) >= 1024:
+                self._compiled.clear()
+            self._compiled[key] = compiled
+        return compiled
+
     def aggregate(self, principal: Principal, query: AggregateQuery) -> QueryResult:
         action = "query.aggregate"
         request_json = query.model_dump(mode="json", exclude_none=True)
@@ -299,7 +311,7 @@ class Gateway:
                         reasons=[f"rate limit of {limit} requests per minute"], **common)
             raise RateLimited(f"rate limit of {limit} requests per minute exceeded")
         try:
-            compiled = compile_aggregate(query, self.catalog)
+            compiled = self._compile(query)
             _, raw_rows, data_version = self.store.fetch(compiled.sql)
             result = disclose(
                 compiled.dimensions, compiled.measures, raw_rows,
