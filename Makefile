@@ -29,6 +29,8 @@ lint: $(STAMP)
 	$(BIN)/mypy
 
 bench: $(STAMP)
+	$(BIN)/pip install --quiet -e ".[dev,bench]"
+	$(BIN)/python bench/ingest_throughput.py --persons 1000000
 	$(BIN)/python bench/aggregate_vs_duckdb.py --persons 1000000
 
 clean:

@@ -179,18 +179,27 @@ def _build_tables(
     ipad, opad = hmac_pads(key)
     params = {"ipad": ipad, "opad": opad}
     progress("pseudonymizing persons")
-    con.execute(
-        "CREATE TEMP TABLE addr_prefix (prefix VARCHAR, code VARCHAR)",
+    con.execute("CREATE TEMP TABLE addr_prefix (prefix VARCHAR, plen INTEGER, code VARCHAR)")
+    con.executemany(
+        "INSERT INTO addr_prefix VALUES (?, ?, ?)",
+        [(prefix, len(prefix), code) for prefix, code in _address_prefixes()],
     )
-    con.executemany("INSERT INTO addr_prefix VALUES (?, ?)", _address_prefixes())
     # The raw psn_no → pseudonym map lives only in this temp table, never in the store file.
+    # No address prefix starts another, so at most one matches; cutting each address to every
+    # prefix length turns the match into a hash join.
+    con.execute(
+        "CREATE TEMP TABLE addr_placed AS "
+        "WITH cand AS (SELECT r._row, left(r.addr, l.plen) AS pre FROM raw_persons r, "
+        "(SELECT DISTINCT plen FROM addr_prefix) l) "
+        "SELECT cand._row, a.code FROM cand JOIN addr_prefix a ON cand.pre = a.prefix"
+    )
     con.execute(
         "CREATE TEMP TABLE psn_map AS SELECT r.psn_no, "
         + _PSEUDONYM.format(col="r.psn_no")
         + " AS psn_id, r._row, r.gend, year(r.brdy::DATE) AS birth_year, r.insutype, "
         "r.insu_admdvs, a.code AS addr_admdvs, r.psn_insu_date::DATE AS psn_insu_date, "
         "r.insu_end_date::DATE AS insu_end_date "
-        "FROM raw_persons r LEFT JOIN addr_prefix a ON starts_with(r.addr, a.prefix)",
+        "FROM raw_persons r LEFT JOIN addr_placed a ON r._row = a._row",
         params,
     )
     dup = con.execute(
@@ -228,8 +237,7 @@ def _build_tables(
         + ", p.gend, "
         + _age_band_sql(age)
         + " AS age_band, p.insutype, p.insu_admdvs "
-        # Clustered by person so person-level lookups skip most row groups.
-        "FROM raw_settlements s JOIN psn_map p ON s.psn_no = p.psn_no ORDER BY p.psn_id"
+        "FROM raw_settlements s JOIN psn_map p ON s.psn_no = p.psn_no"
     )
 
     progress("deriving person-years")
@@ -253,8 +261,7 @@ def _build_tables(
         + " AS age_band, py.insutype, py.insu_admdvs, py.exposure::DOUBLE AS exposure, "
         "coalesce(agg.setl_cnt, 0) AS setl_cnt, "
         + coalesced
-        + " FROM py LEFT JOIN agg USING (psn_id, year) WHERE py.exposure > 0 "
-        "ORDER BY py.year, py.psn_id"
+        + " FROM py LEFT JOIN agg USING (psn_id, year) WHERE py.exposure > 0"
     )
     return unplaced
 

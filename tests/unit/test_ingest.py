@@ -58,10 +58,11 @@ def test_no_raw_identifier_anywhere_in_the_store(
         ).fetchall()
         assert text_columns
         for table, column in text_columns:
+            # Distinct stored values first: the containment join is then small.
             hits = con.execute(
-                f'SELECT count(*) FROM "{table}" t JOIN raw_ids r ON t."{column}" = r.v '  # noqa: S608
-                f'OR contains(t."{column}", r.v)').fetchone()
-            assert hits == (0,), f"{table}.{column} holds raw identifiers"
+                f'WITH d AS (SELECT DISTINCT "{column}" AS s FROM "{table}") '  # noqa: S608
+                "SELECT count(*) FROM d JOIN raw_ids r ON contains(d.s, r.v)").fetchall()
+            assert hits == [(0,)], f"{table}.{column} holds raw identifiers"
         # The person key is the keyed pseudonym, not the raw number.
         stored = {r[0] for r in con.execute("SELECT psn_id FROM persons").fetchall()}
         raw_numbers = {int(v) for v in identifiers["psn_no"] if v.isdigit()}
