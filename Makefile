@@ -31,6 +31,7 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/pip install --quiet -e ".[dev,bench]"
 	$(BIN)/python bench/ingest_throughput.py --persons 1000000
+	$(BIN)/python bench/policy_decision.py
 	$(BIN)/python bench/aggregate_vs_duckdb.py --persons 1000000
 
 clean:

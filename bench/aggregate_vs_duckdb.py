@@ -37,6 +37,11 @@ from gateway.query.spec import AggregateQuery  # noqa: E402
 from gateway.query.store import StoreLayout  # noqa: E402
 
 QUERIES: dict[str, dict[str, Any]] = {
+    "tiny: one prefecture, one age band, one year": {
+        "purpose": "hmb_pricing", "dataset": "person_years", "dimensions": ["gend"],
+        "measures": [{"fn": "count_persons"}, {"fn": "sum", "field": "exposure"}],
+        "filters": {"year": [2024], "insu_admdvs": ["420500"], "age_band": ["80+"]},
+    },
     "small: inpatient persons by sex, one year": {
         "purpose": "hmb_pricing", "dataset": "settlements", "dimensions": ["gend"],
         "measures": [{"fn": "count_persons"}, {"fn": "count"}],

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI
 
 from gateway import __version__
 from gateway.api.errors import install_error_handlers
-from gateway.api.metrics import REQUEST_SECONDS, REQUESTS
+from gateway.api.metrics import MetricsMiddleware
 from gateway.api.routes import health, oauth, v1
 from gateway.service.gateway import Gateway
 
@@ -38,17 +37,5 @@ def create_app(gateway: Gateway) -> FastAPI:
     app.include_router(oauth.router)
     app.include_router(v1.router)
 
-    @app.middleware("http")
-    async def _metrics(
-        request: Request, call_next: Callable[[Request], Awaitable[Response]]
-    ) -> Response:
-        started = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        name = getattr(route, "path", "unmatched")
-        REQUESTS.labels(name, str(response.status_code)).inc()
-        REQUEST_SECONDS.labels(name).observe(time.perf_counter() - started)
-        response.headers["Cache-Control"] = response.headers.get("Cache-Control", "no-store")
-        return response
-
+    app.add_middleware(MetricsMiddleware)
     return app
