@@ -19,6 +19,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 from typing import Any
@@ -88,13 +89,47 @@ def _wait_ready(base_url: str, proc: subprocess.Popen[bytes]) -> None:
     raise SystemExit("gateway did not become ready")
 
 
+def plot(report: dict[str, Any], path: Path) -> None:
+    """Bar chart of the medians, DuckDB direct beside the gateway, log scale."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no chart (pip install -e '.[bench]')", file=sys.stderr)
+        return
+    results = report["results"]
+    fig, ax = plt.subplots(figsize=(9, 4))
+    names = ["\n".join(textwrap.wrap(r["query"], 22)) for r in results]
+    xs = range(len(results))
+    ax.bar([x - 0.2 for x in xs], [r["duckdb_ms"] for r in results], 0.4, label="DuckDB direct")
+    ax.bar([x + 0.2 for x in xs], [r["http_ms"] for r in results], 0.4,
+           label="gateway over HTTP (policy, suppression, durable audit)")
+    for x, r in zip(xs, results, strict=True):
+        ax.annotate(f"{r['ratio']:.2f}x", (x + 0.2, r["http_ms"]), ha="center", va="bottom",
+                    fontsize=7)
+    ax.set_xticks(list(xs), names, fontsize=6)
+    ax.set_ylabel("median ms (log)")
+    ax.set_yscale("log")
+    ax.set_title(f"Aggregate queries on {report['persons']:,} persons ({report['machine']})",
+                 fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--persons", type=int, default=1_000_000)
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--repeat", type=int, default=15)
     parser.add_argument("--workdir", type=Path, default=ROOT / "bench" / "out" / "city")
+    parser.add_argument("--replot", type=Path, help="only redraw the chart from a results file")
     args = parser.parse_args()
+    if args.replot:
+        plot(json.loads(args.replot.read_text()), args.replot.with_suffix(".png"))
+        return
 
     port = _free_port()
     started = time.perf_counter()
@@ -169,27 +204,7 @@ def main() -> None:
     for r in results:
         print(f"| {r['query']} | {r['duckdb_ms']} | {r['http_ms']} | {r['ratio']} | "
               f"{r['added_ms']} |")
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no chart (pip install -e '.[bench]')", file=sys.stderr)
-        return
-    fig, ax = plt.subplots(figsize=(9, 4))
-    names = [r["query"].split(":")[0] + "\n" + r["query"].split(":")[1][:34] for r in results]
-    xs = range(len(results))
-    ax.bar([x - 0.2 for x in xs], [r["duckdb_ms"] for r in results], 0.4, label="DuckDB direct")
-    ax.bar([x + 0.2 for x in xs], [r["http_ms"] for r in results], 0.4,
-           label="gateway over HTTP")
-    ax.set_xticks(list(xs), names, fontsize=7)
-    ax.set_ylabel("median ms")
-    ax.set_yscale("log")
-    ax.set_title(f"Aggregate queries, {args.persons:,} persons")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "aggregate.png", dpi=120)
+    plot(report, out / "aggregate.png")
 
 
 if __name__ == "__main__":
