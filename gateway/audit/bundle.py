@@ -2,14 +2,20 @@
 
 A bundle is one UTF-8 JSON file::
 
-    {"format": "yibao-gateway-audit-bundle/v1", "origin": "<log name>",
+    {"format": "yibao-gateway-audit-bundle/v2", "origin": "<log name>",
      "entries": [{"index": 0, "entry": {...}, "leaf_hash": "<hex>", "chain_hash": "<hex>"}, ...],
-     "head": {"size": N, "chain_hash": "<hex>"},
+     "head": {"size": N, "chain_hash": "<hex>", "root": "<hex RFC 6962 Merkle root>"},
+     "checkpoint": "<C2SP signed checkpoint note for (origin, N, root)>",
      "signature": "<base64 Ed25519 over checkpoint_message(origin, N, head)>",
      "public_key": "<base64 raw 32-byte Ed25519 key, informational only>"}
 
-The verifier trusts nothing in the file: it checks the shape, recomputes every leaf and the
-chain from the entry objects, and checks the signature with the key the *caller* supplies.
+Format ``v1`` is the same without ``head.root`` and ``checkpoint``; it is still verified.
+
+The verifier trusts nothing in the file: it checks the shape, recomputes every leaf, the chain
+and the Merkle root from the entry objects, and checks the signature and the checkpoint with
+the key the *caller* supplies. Given a checkpoint the auditor saved earlier, it also proves the
+bundle's tree extends that one, so a rewritten history is caught even if it is internally
+consistent and properly signed.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import hmac
 import json
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, NoReturn
 
@@ -30,19 +37,33 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PublicKey,
 )
 
+from gateway.audit import merkle
+from gateway.audit.checkpoint import Checkpoint, parse_and_verify_checkpoint, sign_checkpoint
 from gateway.audit.entry import GENESIS, HASH_SIZE, canonical_json, chain_hash, leaf_hash
 from gateway.audit.log import AuditLog
 from gateway.errors import AuditIntegrityError, BadRequest
 
-__all__ = ["BUNDLE_FORMAT", "checkpoint_message", "export_bundle", "verify_bundle"]
+__all__ = [
+    "BUNDLE_FORMAT",
+    "BUNDLE_FORMAT_V1",
+    "VerifiedBundle",
+    "checkpoint_message",
+    "export_bundle",
+    "verify_bundle",
+    "verify_bundle_checkpoint",
+]
 
-BUNDLE_FORMAT: Final = "yibao-gateway-audit-bundle/v1"
+BUNDLE_FORMAT: Final = "yibao-gateway-audit-bundle/v2"
+BUNDLE_FORMAT_V1: Final = "yibao-gateway-audit-bundle/v1"
+_FORMATS: Final = (BUNDLE_FORMAT_V1, BUNDLE_FORMAT)
 SIGNATURE_SIZE: Final = 64
 PUBLIC_KEY_SIZE: Final = 32
 
-_TOP_KEYS: Final = ("format", "origin", "entries", "head", "signature", "public_key")
+_TOP_KEYS_V1: Final = ("format", "origin", "entries", "head", "signature", "public_key")
+_TOP_KEYS: Final = (*_TOP_KEYS_V1, "checkpoint")
 _ENTRY_KEYS: Final = ("index", "entry", "leaf_hash", "chain_hash")
-_HEAD_KEYS: Final = ("size", "chain_hash")
+_HEAD_KEYS_V1: Final = ("size", "chain_hash")
+_HEAD_KEYS: Final = (*_HEAD_KEYS_V1, "root")
 _HEX_RE: Final = re.compile(r"[0-9a-f]{64}")
 
 
@@ -68,11 +89,18 @@ def _check_origin(origin: str) -> None:
 
 
 def export_bundle(
-    log: AuditLog, out_path: Path, signing_key: Ed25519PrivateKey, *, origin: str
+    log: AuditLog,
+    out_path: Path,
+    signing_key: Ed25519PrivateKey,
+    *,
+    origin: str,
+    key_name: str | None = None,
 ) -> None:
     """Write every entry of ``log`` (one consistent snapshot) to ``out_path`` as a signed
-    bundle. The chain is recomputed while writing, so a store that does not verify is never
-    signed: :class:`AuditIntegrityError` is raised and no file is left behind."""
+    bundle with a signed checkpoint (key name: ``key_name``, by default the origin). The chain
+    and the Merkle tree are recomputed while writing and the root is compared with the one the
+    store's subtree hashes give, so a store that does not verify is never signed:
+    :class:`AuditIntegrityError` is raised and no file is left behind."""
     _check_origin(origin)
     public_raw = signing_key.public_key().public_bytes(
         serialization.Encoding.Raw, serialization.PublicFormat.Raw
@@ -81,6 +109,7 @@ def export_bundle(
     tmp_path = out_path.with_name(f".{out_path.name}.{os.getpid()}.tmp")
     prev = GENESIS
     size = 0
+    frontier: list[bytes] = []
     try:
         with tmp_path.open("w", encoding="utf-8", newline="\n") as out:
             out.write(f'{{"format":{_dump(BUNDLE_FORMAT)},"origin":{_dump(origin)},"entries":[')
@@ -102,10 +131,22 @@ def export_bundle(
                     f'{"," if size else ""}\n{{"index":{size},"entry":{row.entry_json},'
                     f'"leaf_hash":"{leaf.hex()}","chain_hash":"{prev.hex()}"}}'
                 )
+                frontier, _ = merkle.extend(size, frontier, [leaf])
                 size += 1
+            root = merkle.root_from_frontier(frontier)
+            stored_root = log.root(size)
+            if not hmac.compare_digest(root, stored_root):
+                _fail(
+                    f"tree size {size}: stored Merkle subtree hashes do not match the entries,"
+                    " log not exported",
+                    expected=stored_root,
+                    calculated=root,
+                )
             signature = signing_key.sign(checkpoint_message(origin, size, prev))
+            note = sign_checkpoint(origin, size, root, signing_key, key_name)
             out.write(
-                f'\n],"head":{{"size":{size},"chain_hash":"{prev.hex()}"}},'
+                f'\n],"head":{{"size":{size},"chain_hash":"{prev.hex()}","root":"{root.hex()}"}},'
+                f'"checkpoint":{_dump(note)},'
                 f'"signature":"{_b64(signature)}","public_key":"{_b64(public_raw)}"}}\n'
             )
             out.flush()
@@ -135,17 +176,52 @@ def _b64(data: bytes) -> str:
 # -- verification ------------------------------------------------------------------------
 
 
-def verify_bundle(path: Path, public_key: Ed25519PublicKey | bytes) -> int:
+@dataclass(frozen=True, slots=True)
+class VerifiedBundle:
+    """What a verified bundle commits to: its size, Merkle root and, for format v2, the signed
+    checkpoint note (which an auditor keeps to check the next bundle against)."""
+
+    size: int
+    root: bytes
+    checkpoint: str | None
+
+
+def verify_bundle(
+    path: Path,
+    public_key: Ed25519PublicKey | bytes,
+    *,
+    previous_checkpoint: str | None = None,
+    key_name: str | None = None,
+) -> int:
     """Verify the bundle at ``path`` against ``public_key`` (a key object, 32 raw bytes, or
     PEM bytes) and return its size; raise :class:`AuditIntegrityError` saying what failed and
-    at which entry. The ``public_key`` member of the bundle is never used."""
+    at which entry. The ``public_key`` member of the bundle is never used.
+
+    ``previous_checkpoint`` is a signed checkpoint note saved earlier (e.g. from an earlier
+    bundle or ``GET /v1/audit/checkpoint``); the bundle must then extend that tree.
+    ``key_name`` is the checkpoint signer's key name, by default the origin.
+    """
+    return verify_bundle_checkpoint(
+        path, public_key, previous_checkpoint=previous_checkpoint, key_name=key_name
+    ).size
+
+
+def verify_bundle_checkpoint(
+    path: Path,
+    public_key: Ed25519PublicKey | bytes,
+    *,
+    previous_checkpoint: str | None = None,
+    key_name: str | None = None,
+) -> VerifiedBundle:
+    """:func:`verify_bundle`, returning the verified size, root and checkpoint note."""
     key = _load_public_key(public_key)
     bundle = _load(Path(path))
 
     # 1. Shape, with got/want, before any hashing.
-    _expect_keys(bundle, _TOP_KEYS, "bundle")
-    if bundle["format"] != BUNDLE_FORMAT:
-        _fail(f"bundle: format {bundle['format']!r}, want {BUNDLE_FORMAT!r}")
+    if not isinstance(bundle.get("format"), str) or bundle["format"] not in _FORMATS:
+        _fail(f"bundle: format {bundle.get('format')!r}, want one of {list(_FORMATS)!r}")
+    v2 = bundle["format"] == BUNDLE_FORMAT
+    _expect_keys(bundle, _TOP_KEYS if v2 else _TOP_KEYS_V1, "bundle")
     origin = bundle["origin"]
     if not isinstance(origin, str):
         _fail("bundle: origin is not a string")
@@ -157,11 +233,15 @@ def verify_bundle(path: Path, public_key: Ed25519PublicKey | bytes) -> int:
     if not isinstance(entries, list):
         _fail("bundle: entries is not a list")
     head = bundle["head"]
-    _expect_keys(head, _HEAD_KEYS, "head")
+    _expect_keys(head, _HEAD_KEYS if v2 else _HEAD_KEYS_V1, "head")
     size = head["size"]
     if not isinstance(size, int) or isinstance(size, bool) or size < 0:
         _fail("head: size is not a non-negative integer")
     head_hash = _hex_hash(head["chain_hash"], "head: chain_hash")
+    head_root = _hex_hash(head["root"], "head: root") if v2 else None
+    note = bundle["checkpoint"] if v2 else None
+    if v2 and not isinstance(note, str):
+        _fail("bundle: checkpoint is not a string")
     signature = _b64_bytes(bundle["signature"], SIGNATURE_SIZE, "bundle: signature")
     _b64_bytes(bundle["public_key"], PUBLIC_KEY_SIZE, "bundle: public_key")
     stored: list[tuple[dict[str, Any], bytes, bytes]] = []
@@ -191,8 +271,9 @@ def verify_bundle(path: Path, public_key: Ed25519PublicKey | bytes) -> int:
             " (log truncated or extended)"
         )
 
-    # 2. Every leaf and the chain, recomputed from the entries themselves.
+    # 2. Every leaf, the chain and the Merkle tree, recomputed from the entries themselves.
     prev = GENESIS
+    leaves: list[bytes] = []
     for index, (entry, stored_leaf, stored_chain) in enumerate(stored):
         try:
             data = canonical_json(entry)
@@ -214,6 +295,7 @@ def verify_bundle(path: Path, public_key: Ed25519PublicKey | bytes) -> int:
                 expected=stored_chain,
                 calculated=prev,
             )
+        leaves.append(leaf)
     if not hmac.compare_digest(prev, head_hash):
         _fail(
             "head: chain_hash does not match the last entry",
@@ -221,13 +303,64 @@ def verify_bundle(path: Path, public_key: Ed25519PublicKey | bytes) -> int:
             expected=head_hash,
             calculated=prev,
         )
+    tree = merkle.MemoryTree(leaves)
+    root = merkle.root_from_source(size, tree)
+    if head_root is not None and not hmac.compare_digest(root, head_root):
+        _fail("head: root does not match the entries", expected=head_root, calculated=root)
 
     # 3. The signature over what was recomputed, with the caller's key only.
     try:
         key.verify(signature, checkpoint_message(origin, size, prev))
     except InvalidSignature:
         _fail("signature does not verify with the given public key")
-    return size
+
+    # 4. The checkpoint: signed by the caller's key, for this origin, size and recomputed root.
+    if note is not None:
+        checkpoint = parse_and_verify_checkpoint(note, key, key_name, origin)
+        if checkpoint.size != size:
+            _fail(f"checkpoint: tree size {checkpoint.size}, want {size} (the bundle's size)")
+        if not hmac.compare_digest(checkpoint.root, root):
+            _fail(
+                "checkpoint: root does not match the entries (forked or rewritten log)",
+                expected=checkpoint.root,
+                calculated=root,
+            )
+
+    # 5. The tree extends the one the auditor saw before.
+    if previous_checkpoint is not None:
+        _check_previous(previous_checkpoint, key, key_name, origin, size, root, tree)
+    return VerifiedBundle(size, root, note)
+
+
+def _check_previous(
+    text: str,
+    key: Ed25519PublicKey,
+    key_name: str | None,
+    origin: str,
+    size: int,
+    root: bytes,
+    tree: merkle.MemoryTree,
+) -> None:
+    try:
+        previous: Checkpoint = parse_and_verify_checkpoint(text, key, key_name, origin)
+    except AuditIntegrityError as exc:
+        _fail(f"previous {exc.message}")
+    if previous.size > size:
+        _fail(
+            f"previous checkpoint: tree size {previous.size}, but the bundle has {size} entries"
+            " (log truncated)",
+            size,
+        )
+    proof = merkle.consistency_proof(previous.size, size, tree)
+    try:
+        merkle.verify_consistency(previous.size, size, previous.root, root, proof)
+    except AuditIntegrityError as exc:
+        raise AuditIntegrityError(
+            f"previous checkpoint: the bundle's first {previous.size} entries do not have its"
+            " root (history rewritten since that checkpoint)",
+            expected=exc.expected,
+            calculated=exc.calculated,
+        ) from exc
 
 
 def _load_public_key(public_key: Ed25519PublicKey | bytes) -> Ed25519PublicKey:

@@ -6,6 +6,11 @@ callers from any thread enqueue their entry and block, and a single sequencer th
 to ``max_batch`` entries at a time, chains them onto the head *read inside the write
 transaction* (so several processes sharing one store still build one chain), makes the batch
 durable in one transaction and only then wakes the callers.
+
+The same transaction stores the hash of every complete subtree of the RFC 6962 Merkle tree that
+the batch completes (:func:`gateway.audit.merkle.extend`), so roots and proofs read O(log n)
+stored hashes (:meth:`AuditLog.root`, :meth:`AuditLog.inclusion_proof`,
+:meth:`AuditLog.consistency_proof`) and :meth:`AuditLog.checkpoint` signs the current tree.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import hmac
 import logging
 import re
 import threading
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -21,7 +27,11 @@ from datetime import datetime
 from types import TracebackType
 from typing import Final, Self
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from gateway.audit import merkle
 from gateway.audit._sequencer import BatchQueue, Pending, QueueClosedError, QueueFullError
+from gateway.audit.checkpoint import sign_checkpoint
 from gateway.audit.entry import (
     GENESIS,
     AuditEntry,
@@ -32,11 +42,12 @@ from gateway.audit.entry import (
 )
 from gateway.errors import AuditIntegrityError, AuditUnavailable, BadRequest, NotFound
 
-__all__ = ["AuditLog", "BuildRows", "SearchFilter", "StoredRow"]
+__all__ = ["AuditLog", "Batch", "BuildRows", "ReadNodes", "SearchFilter", "StoredRow"]
 
 _log = logging.getLogger(__name__)
 
 MAX_SEARCH_LIMIT: Final = 1000
+_NODE_CHUNK: Final = 4096
 _DATE_RE: Final = re.compile(r"\d{4}-\d{2}-\d{2}")
 
 
@@ -65,9 +76,22 @@ class SearchFilter:
     until: str | None = None
 
 
-#: Given the store's current (size, chain head), the rows to insert. Called by a backend inside
-#: its write transaction.
-BuildRows = Callable[[int, bytes], Sequence[StoredRow]]
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """What one write transaction inserts: the rows, and the hashes of the complete Merkle
+    subtrees of level >= 1 that those rows complete, as ``((level, index), hash)``."""
+
+    rows: Sequence[StoredRow]
+    nodes: Sequence[tuple[merkle.NodeID, bytes]]
+
+
+#: Reads complete-subtree hashes ``(level, index)``; level 0 is a leaf hash. Raises
+#: :class:`AuditIntegrityError` if one is missing.
+ReadNodes = Callable[[Sequence[merkle.NodeID]], list[bytes]]
+
+#: Given the store's current (size, chain head) and a reader of stored subtree hashes inside the
+#: same transaction, the batch to insert. Called by a backend inside its write transaction.
+BuildRows = Callable[[int, bytes, ReadNodes], Batch]
 
 
 class AuditLog(ABC):
@@ -87,6 +111,11 @@ class AuditLog(ABC):
         self._queue = BatchQueue(max_queue)
         # What this process last committed: a store that shrank or changed under it is tampered.
         self._last_written: tuple[int, bytes] | None = None
+        # The Merkle frontier after this process's last commit: (size, chain head, hashes).
+        self._frontier: tuple[int, bytes, list[bytes]] | None = None
+        # The last checkpoint signed: (size, root, note, monotonic time). Never an inconsistent one.
+        self._checkpoint_lock = threading.Lock()
+        self._last_checkpoint: tuple[int, bytes, str, float] | None = None
         self._close_lock = threading.Lock()
         self._closed = False
         self._batches = 0
@@ -99,8 +128,16 @@ class AuditLog(ABC):
     @abstractmethod
     def _append_rows(self, build: BuildRows) -> None:
         """In one write transaction that excludes every other writer of the store: read the
-        current size and chain head, call ``build(size, head)``, insert the rows it returns and
-        commit durably. On any failure roll back completely and re-raise."""
+        current size and chain head, call ``build(size, head, read_nodes)`` with a reader of
+        subtree hashes in that transaction, insert the rows and subtree hashes of the
+        :class:`Batch` it returns and commit durably. On any failure roll back completely and
+        re-raise."""
+
+    @abstractmethod
+    def _read_nodes(self, ids: Sequence[merkle.NodeID]) -> list[bytes]:
+        """The stored hash of each complete subtree ``(level, index)`` in ``ids``, in order, all
+        from one snapshot; level 0 is the leaf hash of entry ``index``. Raises
+        :class:`AuditIntegrityError` naming the first one missing."""
 
     @abstractmethod
     def _read_tail(self) -> tuple[int, bytes]:
@@ -160,15 +197,23 @@ class AuditLog(ABC):
 
     def _commit(self, batch: list[Pending]) -> None:
         built: list[StoredRow] = []
+        frontier: list[bytes] = []
 
-        def build(size: int, head: bytes) -> list[StoredRow]:
+        def build(size: int, head: bytes, read_nodes: ReadNodes) -> Batch:
             self._check_tail(size, head)
             built.clear()
             prev = head
             for offset, pending in enumerate(batch):
                 prev = chain_hash(prev, pending.leaf)
                 built.append(StoredRow(size + offset, pending.text, pending.leaf, prev))
-            return built
+            cached = self._frontier
+            if cached is not None and cached[0] == size and hmac.compare_digest(cached[1], head):
+                old = cached[2]
+            else:  # first batch, or another process appended since: read it in this transaction
+                old = read_nodes(merkle.frontier_nodes(size))
+            new, nodes = merkle.extend(size, old, [p.leaf for p in batch])
+            frontier[:] = new
+            return Batch(built, nodes)
 
         try:
             self._append_rows(build)
@@ -181,6 +226,7 @@ class AuditLog(ABC):
             return
         last = built[-1]
         self._last_written = (last.index + 1, last.chain_hash)
+        self._frontier = (last.index + 1, last.chain_hash, frontier)
         self._batches += 1
         self._committed += len(batch)
         for pending, row in zip(batch, built, strict=True):
@@ -287,14 +333,93 @@ class AuditLog(ABC):
             for index, text in self._search_rows(where, limit, offset)
         ]
 
+    # -- the Merkle tree -----------------------------------------------------------------
+
+    def _tree_size(self, name: str, size: int | None, current: int) -> int:
+        if size is None:
+            return current
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+            raise BadRequest(f"{name} must be a non-negative integer, got {size!r}")
+        if size > current:
+            raise BadRequest(f"{name} {size}, want at most the current tree size {current}")
+        return size
+
+    def root(self, size: int | None = None) -> bytes:
+        """The RFC 6962 root of the first ``size`` entries (all of them by default), from at
+        most log2(size) stored subtree hashes. ``BadRequest`` if ``size`` exceeds the log."""
+        size = self._tree_size("tree_size", size, self.size())
+        return merkle.root_from_source(size, _StoreNodes(self))
+
+    def inclusion_proof(self, index: int, size: int) -> list[bytes]:
+        """The RFC 6962 inclusion proof (32-byte hashes, bottom first) of entry ``index`` in the
+        tree of the first ``size`` entries: O(log n) stored hashes, read in one snapshot."""
+        size = self._tree_size("tree_size", size, self.size())
+        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < size:
+            raise BadRequest(f"index {index!r}, want 0 <= index < tree_size {size}")
+        return merkle.inclusion_proof(index, size, _StoreNodes(self))
+
+    def consistency_proof(self, first: int, second: int) -> list[bytes]:
+        """The RFC 6962 consistency proof (32-byte hashes) that the tree of ``second`` entries
+        extends the tree of ``first`` entries."""
+        second = self._tree_size("second", second, self.size())
+        first = self._tree_size("first", first, second)
+        return merkle.consistency_proof(first, second, _StoreNodes(self))
+
+    def leaf_hash(self, index: int) -> bytes:
+        """The stored leaf hash of entry ``index``; :class:`NotFound` if there is none."""
+        row = self._read_row(index) if index >= 0 else None
+        if row is None:
+            raise NotFound(f"no audit entry {index}")
+        return row.leaf_hash
+
+    def checkpoint(
+        self,
+        key: Ed25519PrivateKey,
+        *,
+        origin: str,
+        key_name: str | None = None,
+        max_age: float = 0.0,
+    ) -> str:
+        """A signed C2SP checkpoint (a signed note, as text) of the current tree.
+
+        Before signing, the new tree is proved consistent with the last checkpoint this log
+        signed (from the stored hashes); a store that shrank or whose hashes changed raises
+        :class:`AuditIntegrityError` and nothing is signed, so two inconsistent checkpoints are
+        never issued. If the last checkpoint is for the current size, or younger than
+        ``max_age`` seconds, it is returned again instead of signing a new one.
+        """
+        with self._checkpoint_lock:
+            size = self.size()
+            last = self._last_checkpoint
+            now = time.monotonic()
+            if last is not None and (last[0] == size or now - last[3] < max_age):
+                return last[2]
+            source = _StoreNodes(self)
+            root = merkle.root_from_source(size, source)
+            if last is not None:
+                last_size, last_root = last[0], last[1]
+                if size < last_size:
+                    raise AuditIntegrityError(
+                        f"audit store shrank: {size} entries, the last checkpoint has {last_size}",
+                        index=size,
+                    )
+                proof = merkle.consistency_proof(last_size, size, source)
+                merkle.verify_consistency(last_size, size, last_root, root, proof)
+            note = sign_checkpoint(origin, size, root, key, key_name)
+            self._last_checkpoint = (size, root, note, now)
+            return note
+
     # -- verification --------------------------------------------------------------------
 
     def verify(self) -> int:
-        """Recompute every leaf and the chain from the store; return the verified size or
-        raise :class:`AuditIntegrityError` naming the first entry that does not match."""
+        """Recompute every leaf, the chain and every stored Merkle subtree hash from the store;
+        return the verified size or raise :class:`AuditIntegrityError` naming the first entry
+        (or subtree) that does not match."""
         prev = GENESIS
         expected = 0
         compare = hmac.compare_digest
+        frontier: list[bytes] = []
+        pending: list[tuple[merkle.NodeID, bytes]] = []
         for row in self._scan_rows(0):
             if row.index != expected:
                 raise AuditIntegrityError(
@@ -317,8 +442,41 @@ class AuditLog(ABC):
                     expected=row.chain_hash.hex(),
                     calculated=prev.hex(),
                 )
+            frontier, nodes = merkle.extend(expected, frontier, [leaf])
+            pending += nodes
+            if len(pending) >= _NODE_CHUNK:
+                self._verify_nodes(pending)
+                pending = []
             expected += 1
+        self._verify_nodes(pending)
         return expected
+
+    def _verify_nodes(self, computed: list[tuple[merkle.NodeID, bytes]]) -> None:
+        if not computed:
+            return
+        stored = self._read_nodes([node for node, _ in computed])
+        for ((level, index), want), got in zip(computed, stored, strict=True):
+            if not hmac.compare_digest(want, got):
+                first = index << level
+                raise AuditIntegrityError(
+                    f"subtree ({level}, {index}) over entries {first}..{first + (1 << level) - 1}:"
+                    " stored hash mismatch",
+                    index=first,
+                    expected=got.hex(),
+                    calculated=want.hex(),
+                )
+
+
+class _StoreNodes:
+    """The log's stored subtree hashes as a :class:`merkle.HashSource`."""
+
+    __slots__ = ("_log",)
+
+    def __init__(self, log: AuditLog) -> None:
+        self._log = log
+
+    def get_nodes(self, ids: Sequence[merkle.NodeID]) -> list[bytes]:
+        return self._log._read_nodes(ids)
 
 
 def _ts_bound(name: str, value: str | datetime | None) -> str | None:

@@ -1,34 +1,39 @@
 """SQLite backend of the audit log.
 
-One table, ``audit_entries``. The canonical entry JSON, its leaf hash and its chain hash are
+Two tables: ``audit_entries`` and ``audit_subtrees`` (the hash of every complete RFC 6962
+subtree of level >= 1, written in the same transaction as the entries that complete it; level
+0 is ``audit_entries.leaf_hash``). The canonical entry JSON, its leaf hash and its chain hash are
 the stored facts; the filter columns (``ts``, ``actor``, ``org`` …) are STORED generated columns
 extracted from that JSON, so they cannot disagree with what was hashed. Triggers refuse UPDATE
-and DELETE and any INSERT that is not at the next index. They guard against mistakes through
-SQL; deliberate tampering with the file is what :meth:`AuditLog.verify` and signed bundles
-detect.
+and DELETE (on both tables) and any INSERT of an entry that is not at the next index. They guard
+against mistakes through SQL; deliberate tampering with the file is what
+:meth:`AuditLog.verify` and signed bundles detect.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import os
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict
 from typing import Final
 
 from sqlglot import exp
 
+from gateway.audit import merkle
 from gateway.audit.entry import GENESIS
 from gateway.audit.log import AuditLog, BuildRows, SearchFilter, StoredRow
-from gateway.errors import AuditUnavailable
+from gateway.errors import AuditIntegrityError, AuditUnavailable
 
 __all__ = ["SqliteAuditLog"]
 
-SCHEMA_VERSION: Final = 1
+#: 1: entries only. 2: adds ``audit_subtrees``, filled from the stored leaves when upgrading.
+SCHEMA_VERSION: Final = 2
 
 _SCHEMA: Final = (
     """
@@ -79,9 +84,38 @@ _SCHEMA: Final = (
     WHEN NEW.idx IS NOT (SELECT coalesce(max(idx), -1) + 1 FROM audit_entries)
     BEGIN SELECT RAISE(ABORT, 'audit log is append-only: INSERT must use the next index'); END
     """,
+    """
+    CREATE TABLE IF NOT EXISTS audit_subtrees (
+        level INTEGER NOT NULL CHECK (level >= 1),
+        idx INTEGER NOT NULL CHECK (idx >= 0),
+        hash BLOB NOT NULL CHECK (length(hash) = 32),
+        PRIMARY KEY (level, idx)
+    ) STRICT, WITHOUT ROWID
+    """,
+    """
+    CREATE TRIGGER IF NOT EXISTS audit_subtrees_no_update BEFORE UPDATE ON audit_subtrees
+    BEGIN SELECT RAISE(ABORT, 'audit log is append-only: UPDATE refused'); END
+    """,
+    """
+    CREATE TRIGGER IF NOT EXISTS audit_subtrees_no_delete BEFORE DELETE ON audit_subtrees
+    BEGIN SELECT RAISE(ABORT, 'audit log is append-only: DELETE refused'); END
+    """,
 )
 
 _INSERT_COLUMNS: Final = ("idx", "entry_json", "leaf_hash", "chain_hash")
+_NODE_COLUMNS: Final = ("level", "idx", "hash")
+# Subtree hashes by (level, idx), the list bound as one JSON parameter: one statement, one
+# snapshot, O(log n) primary-key lookups for a proof. Level 0 is the entry's leaf hash.
+_NODES: Final = """
+    SELECT j.key, e.leaf_hash FROM json_each(?1) AS j
+    JOIN audit_entries AS e ON e.idx = json_extract(j.value, '$[1]')
+    WHERE json_extract(j.value, '$[0]') = 0
+    UNION ALL
+    SELECT j.key, s.hash FROM json_each(?1) AS j
+    JOIN audit_subtrees AS s
+      ON s.level = json_extract(j.value, '$[0]') AND s.idx = json_extract(j.value, '$[1]')
+"""
+_LEAVES: Final = "SELECT leaf_hash FROM audit_entries ORDER BY idx"
 _TAIL: Final = "SELECT idx, chain_hash FROM audit_entries ORDER BY idx DESC LIMIT 1"
 _ROW: Final = "SELECT idx, entry_json, leaf_hash, chain_hash FROM audit_entries WHERE idx = ?"
 _SCAN: Final = (
@@ -152,12 +186,14 @@ class SqliteAuditLog(AuditLog):
         conn.execute("BEGIN IMMEDIATE")
         try:
             (version,) = conn.execute("PRAGMA user_version").fetchone()
-            if version not in (0, SCHEMA_VERSION):
+            if version not in (0, 1, SCHEMA_VERSION):
                 raise AuditUnavailable(
                     f"audit store schema version {version}, this gateway knows {SCHEMA_VERSION}"
                 )
             for statement in _SCHEMA:
                 conn.execute(statement)
+            if version != SCHEMA_VERSION:
+                _fill_subtrees(conn)
             conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
             conn.execute("COMMIT")
         except BaseException:
@@ -194,16 +230,19 @@ class SqliteAuditLog(AuditLog):
             conn.execute("BEGIN IMMEDIATE")
             row = conn.execute(_TAIL).fetchone()
             size, head = (0, GENESIS) if row is None else (row[0] + 1, row[1])
-            rows = build(size, head)
-            # A few multi-row INSERTs rather than one per row: each statement is one trip out
-            # of the GIL, and under load that trip costs more than the insert itself.
-            start = 0
-            for count in _chunks(len(rows)):
-                params: list[object] = []
-                for r in rows[start : start + count]:
-                    params += (r.index, r.entry_json, r.leaf_hash, r.chain_hash)
-                conn.execute(_insert_sql(count), params)
-                start += count
+            batch = build(size, head, lambda ids: _select_nodes(conn, ids))
+            _insert(
+                conn,
+                "audit_entries",
+                _INSERT_COLUMNS,
+                [(r.index, r.entry_json, r.leaf_hash, r.chain_hash) for r in batch.rows],
+            )
+            _insert(
+                conn,
+                "audit_subtrees",
+                _NODE_COLUMNS,
+                [(level, idx, h) for (level, idx), h in batch.nodes],
+            )
             conn.execute("COMMIT")
         except BaseException:
             try:
@@ -224,6 +263,12 @@ class SqliteAuditLog(AuditLog):
         with self._reader() as conn:
             row = conn.execute(_ROW, (index,)).fetchone()
         return None if row is None else StoredRow(row[0], row[1], row[2], row[3])
+
+    def _read_nodes(self, ids: Sequence[merkle.NodeID]) -> list[bytes]:
+        if not ids:
+            return []
+        with self._reader() as conn:
+            return _select_nodes(conn, ids)
 
     def _scan_rows(self, start: int) -> Iterator[StoredRow]:
         # One SELECT statement reads one WAL snapshot, however long the iteration takes.
@@ -256,16 +301,62 @@ class SqliteAuditLog(AuditLog):
             self._writer = None
 
 
+def _select_nodes(conn: sqlite3.Connection, ids: Sequence[merkle.NodeID]) -> list[bytes]:
+    if not ids:
+        return []
+    found = dict(conn.execute(_NODES, (json.dumps([list(i) for i in ids]),)).fetchall())
+    out: list[bytes] = []
+    for position, (level, idx) in enumerate(ids):
+        value = found.get(position)
+        if value is None:
+            first = idx << level
+            raise AuditIntegrityError(
+                f"subtree ({level}, {idx}) over entries {first}..{first + (1 << level) - 1}:"
+                " missing from the store",
+                index=first,
+            )
+        out.append(bytes(value))
+    return out
+
+
+def _fill_subtrees(conn: sqlite3.Connection) -> None:
+    """Upgrade from schema 1: store the subtree hashes of the leaves already there."""
+    frontier: list[bytes] = []
+    size = 0
+    cursor = conn.execute(_LEAVES)
+    while chunk := cursor.fetchmany(_SCAN_CHUNK):
+        frontier, nodes = merkle.extend(size, frontier, [bytes(leaf) for (leaf,) in chunk])
+        size += len(chunk)
+        _insert(conn, "audit_subtrees", _NODE_COLUMNS, [(lv, i, h) for (lv, i), h in nodes])
+
+
+def _insert(
+    conn: sqlite3.Connection,
+    table: str,
+    columns: tuple[str, ...],
+    rows: Sequence[tuple[object, ...]],
+) -> None:
+    # A few multi-row INSERTs rather than one per row: each statement is one trip out of the
+    # GIL, and under load that trip costs more than the insert itself.
+    start = 0
+    for count in _chunks(len(rows)):
+        params: list[object] = []
+        for r in rows[start : start + count]:
+            params += r
+        conn.execute(_insert_sql(table, columns, count), params)
+        start += count
+
+
 def _chunks(n: int) -> list[int]:
     """``n`` as a sum of powers of two, largest first, so that few statements are prepared."""
     return [1 << bit for bit in range(n.bit_length() - 1, -1, -1) if n >> bit & 1]
 
 
-@functools.lru_cache(maxsize=16)
-def _insert_sql(rows: int, dialect: str = "sqlite") -> str:
+@functools.lru_cache(maxsize=64)
+def _insert_sql(table: str, columns: tuple[str, ...], rows: int, dialect: str = "sqlite") -> str:
     """A multi-row INSERT of ``rows`` rows, all values bound, built as a tree."""
-    values = exp.values([tuple(exp.Placeholder() for _ in _INSERT_COLUMNS) for _ in range(rows)])
-    return exp.insert(values, "audit_entries", columns=list(_INSERT_COLUMNS)).sql(dialect=dialect)
+    values = exp.values([tuple(exp.Placeholder() for _ in columns) for _ in range(rows)])
+    return exp.insert(values, table, columns=list(columns)).sql(dialect=dialect)
 
 
 # Filter names map to fixed columns and comparisons; values are only ever bound parameters.
