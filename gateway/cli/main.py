@@ -224,18 +224,26 @@ def audit_export(
 def audit_verify(
     bundle: Annotated[Path, typer.Argument(help="exported audit bundle")],
     public_key: Annotated[Path, typer.Option(help="the gateway's public key (PEM)")],
+    previous_checkpoint: Annotated[Path | None, typer.Option(
+        help="a checkpoint saved earlier: the bundle must extend it")] = None,
+    save_checkpoint: Annotated[Path | None, typer.Option(
+        help="write the verified checkpoint here, to check the next bundle against")] = None,
 ) -> None:
-    """Check an exported log offline: every leaf, the chain and the signature."""
+    """Check an exported log offline: every leaf, the chain, the Merkle root, the signed
+    checkpoint, and consistency with a checkpoint saved earlier."""
     from cryptography.hazmat.primitives.asymmetric import ed25519
 
-    from gateway.audit import verify_bundle
+    from gateway.audit.bundle import verify_bundle_checkpoint
     from gateway.auth.keys import load_public_key_pem
 
     key, _ = load_public_key_pem(public_key.read_text("ascii"))
     if not isinstance(key, ed25519.Ed25519PublicKey):
         raise GatewayError("the audit public key must be Ed25519")
-    size = verify_bundle(bundle, key)
-    typer.echo(f"OK: {size} entries verified at {datetime.now(UTC).isoformat()}")
+    previous = previous_checkpoint.read_text("utf-8") if previous_checkpoint else None
+    verified = verify_bundle_checkpoint(bundle, key, previous_checkpoint=previous)
+    if save_checkpoint is not None and verified.checkpoint is not None:
+        save_checkpoint.write_text(verified.checkpoint, "utf-8")
+    typer.echo(f"OK: {verified.size} entries verified at {datetime.now(UTC).isoformat()}")
 
 
 def main() -> None:

@@ -44,4 +44,5 @@ def build_gateway(settings: Settings) -> Gateway:
         ttl_s=settings.token_ttl_s,
     )
     return Gateway(catalog=catalog, state=state, policy=policy, store=store, audit=audit,
-                   tokens=tokens)
+                   tokens=tokens, checkpoint_key=signing_key,
+                   audit_origin=settings.audit_origin)

@@ -8,6 +8,7 @@ result leaves.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import threading
 import time
@@ -17,6 +18,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import orjson
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from gateway.audit import AuditEntry, AuditLog, utc_timestamp
 from gateway.auth.tokens import AccessTokenIssuer, Principal
@@ -78,6 +80,10 @@ def _digest(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
 class Gateway:
     def __init__(
         self,
@@ -88,6 +94,8 @@ class Gateway:
         store: QueryStore,
         audit: AuditLog,
         tokens: AccessTokenIssuer,
+        checkpoint_key: Ed25519PrivateKey,
+        audit_origin: str,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.catalog = catalog
@@ -96,6 +104,8 @@ class Gateway:
         self.store = store
         self.audit = audit
         self.tokens = tokens
+        self.checkpoint_key = checkpoint_key
+        self.audit_origin = audit_origin
         self.clock = clock
         self._limiter = _RateLimiter()
         self._policy_data_version = -1
@@ -342,17 +352,70 @@ class Gateway:
     # -- audit log for auditors --------------------------------------------------------
     def audit_entries(self, principal: Principal, filters: dict[str, Any], *, limit: int,
                       offset: int) -> dict[str, Any]:
+        given = {k: v for k, v in filters.items() if v is not None}
+
+        def build() -> dict[str, Any]:
+            found = self.audit.search(**given, limit=limit, offset=offset)
+            return {
+                "entries": [{"index": i, **e.model_dump(mode="json")} for i, e in found],
+                "size": self.audit.size(),
+                "limit": limit,
+                "offset": offset,
+            }
+
+        return self._audit_read(principal, "audit.read",
+                                {**given, "limit": limit, "offset": offset}, build)
+
+    def audit_checkpoint(self, principal: Principal) -> str:
+        """The signed C2SP checkpoint of the log as it stands (at most one new one a second)."""
         decision = self.authorize(principal, "audit.read")
-        found = self.audit.search(**{k: v for k, v in filters.items() if v is not None},
-                                  limit=limit, offset=offset)
-        body = {
-            "entries": [{"index": i, **e.model_dump(mode="json")} for i, e in found],
-            "size": self.audit.size(),
-            "limit": limit,
-            "offset": offset,
-        }
-        self.record(principal, "audit.read", status=200, decision="allow",
+        note = self.audit.checkpoint(self.checkpoint_key, origin=self.audit_origin, max_age=1.0)
+        self.record(principal, "audit.checkpoint", status=200, decision="allow",
                     policy_version=decision.policy_version,
-                    request={k: v for k, v in filters.items() if v is not None},
+                    response_hash=_digest(note.encode("utf-8")))
+        return note
+
+    def _audit_read(self, principal: Principal, action: str, request: dict[str, Any],
+                    build: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        decision = self.authorize(principal, "audit.read")
+        try:
+            body = build()
+        except GatewayError as exc:
+            self.record(principal, action, status=exc.status, decision="error",
+                        error_code=exc.code, reasons=[exc.message], request=request,
+                        policy_version=decision.policy_version)
+            raise
+        self.record(principal, action, status=200, decision="allow", request=request,
+                    policy_version=decision.policy_version,
                     response_hash=_digest(orjson.dumps(body)))
         return body
+
+    def audit_inclusion(self, principal: Principal, index: int, tree_size: int
+                        ) -> dict[str, Any]:
+        def build() -> dict[str, Any]:
+            proof = self.audit.inclusion_proof(index, tree_size)  # checks the bounds first
+            return {
+                "index": index,
+                "tree_size": tree_size,
+                "leaf_hash": _b64(self.audit.leaf_hash(index)),
+                "root": _b64(self.audit.root(tree_size)),
+                "proof": [_b64(h) for h in proof],
+            }
+
+        return self._audit_read(principal, "audit.proof.inclusion",
+                                {"index": index, "tree_size": tree_size}, build)
+
+    def audit_consistency(self, principal: Principal, first: int, second: int
+                          ) -> dict[str, Any]:
+        def build() -> dict[str, Any]:
+            proof = self.audit.consistency_proof(first, second)
+            return {
+                "first": first,
+                "second": second,
+                "first_root": _b64(self.audit.root(first)),
+                "second_root": _b64(self.audit.root(second)),
+                "proof": [_b64(h) for h in proof],
+            }
+
+        return self._audit_read(principal, "audit.proof.consistency",
+                                {"first": first, "second": second}, build)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Query, Response
 
@@ -46,24 +46,3 @@ def aggregate(
 ) -> Json:
     result = gateway.aggregate(principal, body)
     return Json(result.body, headers={"Audit-Index": str(result.audit_id)})
-
-
-@router.get("/audit/entries", tags=["audit"])
-def audit_entries(
-    principal: CurrentPrincipal,
-    gateway: GatewayDep,
-    actor: Annotated[str | None, Query(max_length=128)] = None,
-    org: Annotated[str | None, Query(max_length=64)] = None,
-    purpose: Annotated[str | None, Query(max_length=64)] = None,
-    action: Annotated[str | None, Query(max_length=64)] = None,
-    decision: Annotated[str | None, Query(pattern="^(allow|deny|error)$")] = None,
-    since: Annotated[str | None, Query(max_length=40)] = None,
-    until: Annotated[str | None, Query(max_length=40)] = None,
-    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    offset: Annotated[int, Query(ge=0)] = 0,
-) -> Json:
-    filters: dict[str, Any] = {
-        "actor": actor, "org": org, "purpose": purpose, "action": action,
-        "decision": decision, "since": since, "until": until,
-    }
-    return Json(gateway.audit_entries(principal, filters, limit=limit, offset=offset))
