@@ -112,7 +112,7 @@ def prepare_demo(*, persons: int, seed: int, port: int, workdir: Path) -> dict[s
                 **PRICING_GRANT,
                 "valid_until": (datetime.now(UTC) + timedelta(days=365)).isoformat(),
             })
-            grant = gateway.create_grant(admin, request)
+            grant = gateway.create_grant(admin, request).body
             _say(f"      granted {grant['grant_id']} ({grant['purpose']}) to ins-hmb-001")
         finally:
             gateway.audit.close()

@@ -138,7 +138,7 @@ def grant_create(
     request = GrantRequest.model_validate_json(spec.read_text("utf-8"))
     gateway = _cli_gateway(workdir)
     try:
-        _print_json(gateway.create_grant(_cli_admin(), request))
+        _print_json(gateway.create_grant(_cli_admin(), request).body)
     finally:
         gateway.audit.close()
 
@@ -151,7 +151,7 @@ def grant_list(
     """List grants."""
     gateway = _cli_gateway(workdir)
     try:
-        _print_json(gateway.list_grants(_cli_admin(), insurer))
+        _print_json(gateway.list_grants(_cli_admin(), insurer).body)
     finally:
         gateway.audit.close()
 
@@ -161,7 +161,7 @@ def grant_revoke(grant_id: str, workdir: Workdir = _DEFAULT_WORKDIR) -> None:
     """Revoke a grant; it stops working from the next request."""
     gateway = _cli_gateway(workdir)
     try:
-        _print_json(gateway.revoke_grant(_cli_admin(), grant_id))
+        _print_json(gateway.revoke_grant(_cli_admin(), grant_id).body)
     finally:
         gateway.audit.close()
 

@@ -26,7 +26,6 @@ from gateway.catalog import Catalog
 from gateway.disclosure.suppression import disclose
 from gateway.errors import (
     GatewayError,
-    NotFound,
     PolicyDenied,
     PolicyEngineError,
     RateLimited,
@@ -39,12 +38,14 @@ from gateway.query.store import QueryStore
 from gateway.service.grants import GrantRequest, grant_to_json, new_grant_record, policy_data
 from gateway.state.store import StateStore
 
-__all__ = ["Gateway", "QueryResult"]
+__all__ = ["Audited", "Gateway"]
 
 
 @dataclass(frozen=True)
-class QueryResult:
-    body: dict[str, Any]
+class Audited:
+    """A use case's answer and the index of the audit entry that records it."""
+
+    body: Any
     audit_id: int
 
 
@@ -188,7 +189,7 @@ class Gateway:
         return decision
 
     # -- catalog -------------------------------------------------------------------------
-    def catalog_for(self, principal: Principal) -> dict[str, Any]:
+    def catalog_for(self, principal: Principal) -> Audited:
         decision = self.authorize(principal, "catalog.read")
         now_ns = int(self.clock() * 1_000_000_000)
         grants = [
@@ -224,13 +225,13 @@ class Gateway:
                     "valid_until": grant_to_json(g, now_ns)["valid_until"],
                 })
         body = {"datasets": datasets, "count_functions": ["count_persons", "count"]}
-        self.record(principal, "catalog.read", status=200, decision="allow",
-                    policy_version=decision.policy_version,
-                    response_hash=_digest(orjson.dumps(body)))
-        return body
+        audit_id = self.record(principal, "catalog.read", status=200, decision="allow",
+                               policy_version=decision.policy_version,
+                               response_hash=_digest(orjson.dumps(body)))
+        return Audited(body, audit_id)
 
     # -- grants --------------------------------------------------------------------------
-    def create_grant(self, principal: Principal, request: GrantRequest) -> dict[str, Any]:
+    def create_grant(self, principal: Principal, request: GrantRequest) -> Audited:
         decision = self.authorize(principal, "grants.manage")
         now = datetime.fromtimestamp(self.clock(), tz=UTC)
         request_json = request.model_dump(mode="json")
@@ -245,35 +246,36 @@ class Gateway:
                         policy_version=decision.policy_version)
             raise
         body = grant_to_json(record, int(self.clock() * 1e9))
-        self.record(principal, "grants.create", status=201, decision="allow",
-                    purpose=request.purpose, grant_id=record.grant_id, request=request_json,
-                    policy_version=decision.policy_version,
-                    response_hash=_digest(orjson.dumps(body)))
-        return body
+        audit_id = self.record(
+            principal, "grants.create", status=201, decision="allow", purpose=request.purpose,
+            grant_id=record.grant_id, request=request_json,
+            policy_version=decision.policy_version, response_hash=_digest(orjson.dumps(body)))
+        return Audited(body, audit_id)
 
-    def list_grants(self, principal: Principal, insurer: str | None) -> list[dict[str, Any]]:
+    def list_grants(self, principal: Principal, insurer: str | None) -> Audited:
         decision = self.authorize(principal, "grants.manage")
         now_ns = int(self.clock() * 1e9)
         body = [grant_to_json(g, now_ns) for g in self.state.list_grants(insurer)]
-        self.record(principal, "grants.list", status=200, decision="allow",
-                    policy_version=decision.policy_version,
-                    response_hash=_digest(orjson.dumps(body)))
-        return body
+        audit_id = self.record(principal, "grants.list", status=200, decision="allow",
+                               policy_version=decision.policy_version,
+                               response_hash=_digest(orjson.dumps(body)))
+        return Audited(body, audit_id)
 
-    def revoke_grant(self, principal: Principal, grant_id: str) -> dict[str, Any]:
+    def revoke_grant(self, principal: Principal, grant_id: str) -> Audited:
         decision = self.authorize(principal, "grants.manage")
         try:
             record = self.state.revoke_grant(grant_id, int(self.clock() * 1e9))
-        except (NotFound, GatewayError) as exc:
+        except GatewayError as exc:
             self.record(principal, "grants.revoke", status=exc.status, decision="deny",
                         error_code=exc.code, grant_id=grant_id, reasons=[exc.message],
                         policy_version=decision.policy_version)
             raise
         body = grant_to_json(record, int(self.clock() * 1e9))
-        self.record(principal, "grants.revoke", status=200, decision="allow", grant_id=grant_id,
-                    purpose=record.purpose, policy_version=decision.policy_version,
-                    response_hash=_digest(orjson.dumps(body)))
-        return body
+        audit_id = self.record(
+            principal, "grants.revoke", status=200, decision="allow", grant_id=grant_id,
+            purpose=record.purpose, policy_version=decision.policy_version,
+            response_hash=_digest(orjson.dumps(body)))
+        return Audited(body, audit_id)
 
     # -- aggregate queries ---------------------------------------------------------------
     def _compile(self, query: AggregateQuery) -> CompiledQuery:
@@ -287,7 +289,7 @@ class Gateway:
             self._compiled[key] = compiled
         return compiled
 
-    def aggregate(self, principal: Principal, query: AggregateQuery) -> QueryResult:
+    def aggregate(self, principal: Principal, query: AggregateQuery) -> Audited:
         action = "query.aggregate"
         request_json = query.model_dump(mode="json", exclude_none=True)
         fields = query.fields()
@@ -347,11 +349,11 @@ class Gateway:
             data_version=data_version, response_hash=_digest(orjson.dumps(body)), **common,
         )
         body["audit_id"] = audit_id
-        return QueryResult(body=body, audit_id=audit_id)
+        return Audited(body=body, audit_id=audit_id)
 
     # -- audit log for auditors --------------------------------------------------------
     def audit_entries(self, principal: Principal, filters: dict[str, Any], *, limit: int,
-                      offset: int) -> dict[str, Any]:
+                      offset: int) -> Audited:
         given = {k: v for k, v in filters.items() if v is not None}
 
         def build() -> dict[str, Any]:
@@ -366,17 +368,17 @@ class Gateway:
         return self._audit_read(principal, "audit.read",
                                 {**given, "limit": limit, "offset": offset}, build)
 
-    def audit_checkpoint(self, principal: Principal) -> str:
+    def audit_checkpoint(self, principal: Principal) -> Audited:
         """The signed C2SP checkpoint of the log as it stands (at most one new one a second)."""
         decision = self.authorize(principal, "audit.read")
         note = self.audit.checkpoint(self.checkpoint_key, origin=self.audit_origin, max_age=1.0)
-        self.record(principal, "audit.checkpoint", status=200, decision="allow",
-                    policy_version=decision.policy_version,
-                    response_hash=_digest(note.encode("utf-8")))
-        return note
+        audit_id = self.record(principal, "audit.checkpoint", status=200, decision="allow",
+                               policy_version=decision.policy_version,
+                               response_hash=_digest(note.encode("utf-8")))
+        return Audited(note, audit_id)
 
     def _audit_read(self, principal: Principal, action: str, request: dict[str, Any],
-                    build: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+                    build: Callable[[], dict[str, Any]]) -> Audited:
         decision = self.authorize(principal, "audit.read")
         try:
             body = build()
@@ -385,13 +387,13 @@ class Gateway:
                         error_code=exc.code, reasons=[exc.message], request=request,
                         policy_version=decision.policy_version)
             raise
-        self.record(principal, action, status=200, decision="allow", request=request,
-                    policy_version=decision.policy_version,
-                    response_hash=_digest(orjson.dumps(body)))
-        return body
+        audit_id = self.record(principal, action, status=200, decision="allow",
+                               request=request, policy_version=decision.policy_version,
+                               response_hash=_digest(orjson.dumps(body)))
+        return Audited(body, audit_id)
 
     def audit_inclusion(self, principal: Principal, index: int, tree_size: int
-                        ) -> dict[str, Any]:
+                        ) -> Audited:
         def build() -> dict[str, Any]:
             proof = self.audit.inclusion_proof(index, tree_size)  # checks the bounds first
             return {
@@ -406,7 +408,7 @@ class Gateway:
                                 {"index": index, "tree_size": tree_size}, build)
 
     def audit_consistency(self, principal: Principal, first: int, second: int
-                          ) -> dict[str, Any]:
+                          ) -> Audited:
         def build() -> dict[str, Any]:
             proof = self.audit.consistency_proof(first, second)
             return {

@@ -26,6 +26,8 @@ def _direct(loaded_store: LoadedStore, sql: str) -> list[tuple[Any, ...]]:
 def test_catalog_lists_granted_fields_with_justifications(env: Env) -> None:
     response = env.client.get("/v1/catalog", headers=env.headers("insurer"))
     assert response.status_code == 200
+    entry = env.gateway.audit.get(int(response.headers["Audit-Index"]))
+    assert (entry.action, entry.actor) == ("catalog.read", "t-insurer")
     body = response.json()
     assert set(body["datasets"]) == {"settlements", "person_years"}
     grant = body["datasets"]["settlements"]["grants"][0]

@@ -12,7 +12,7 @@ from fastapi import APIRouter, Query
 from fastapi.responses import PlainTextResponse
 
 from gateway.api.deps import CurrentPrincipal, GatewayDep
-from gateway.api.responses import Json
+from gateway.api.responses import Json, audited_json
 
 router = APIRouter(prefix="/v1/audit", tags=["audit"])
 
@@ -37,13 +37,14 @@ def audit_entries(
         "decision": decision, "subject_pseudonym": subject_pseudonym,
         "since": since, "until": until,
     }
-    return Json(gateway.audit_entries(principal, filters, limit=limit, offset=offset))
+    return audited_json(gateway.audit_entries(principal, filters, limit=limit, offset=offset))
 
 
 @router.get("/checkpoint", response_class=PlainTextResponse)
 def checkpoint(principal: CurrentPrincipal, gateway: GatewayDep) -> PlainTextResponse:
-    note = gateway.audit_checkpoint(principal)
-    return PlainTextResponse(note, media_type="text/plain; charset=utf-8")
+    result = gateway.audit_checkpoint(principal)
+    return PlainTextResponse(result.body, media_type="text/plain; charset=utf-8",
+                             headers={"Audit-Index": str(result.audit_id)})
 
 
 @router.get("/proof/inclusion")
@@ -53,7 +54,7 @@ def inclusion_proof(
     index: Annotated[int, Query(ge=0)],
     tree_size: Annotated[int, Query(ge=1)],
 ) -> Json:
-    return Json(gateway.audit_inclusion(principal, index, tree_size))
+    return audited_json(gateway.audit_inclusion(principal, index, tree_size))
 
 
 @router.get("/proof/consistency")
@@ -63,4 +64,4 @@ def consistency_proof(
     first: Annotated[int, Query(ge=1)],
     second: Annotated[int, Query(ge=1)],
 ) -> Json:
-    return Json(gateway.audit_consistency(principal, first, second))
+    return audited_json(gateway.audit_consistency(principal, first, second))

@@ -50,7 +50,7 @@ async def token(request: Request, gateway: GatewayDep) -> Json:
     if missing:
         raise BadRequest(f"missing form members: {', '.join(missing)}")
 
-    def exchange() -> dict[str, object]:
+    def exchange() -> tuple[dict[str, object], int]:
         try:
             result = gateway.tokens.exchange(
                 grant_type=values["grant_type"],
@@ -62,10 +62,10 @@ async def token(request: Request, gateway: GatewayDep) -> Json:
                            error_code=exc.code, reasons=[exc.message])
             raise
         principal = gateway.tokens.verify(str(result["access_token"]))
-        gateway.record(principal, "oauth.token", status=200, decision="allow")
-        return result
+        return result, gateway.record(principal, "oauth.token", status=200, decision="allow")
 
     from starlette.concurrency import run_in_threadpool
 
-    result = await run_in_threadpool(exchange)
-    return Json(result, headers={"Cache-Control": "no-store", "Pragma": "no-cache"})
+    result, audit_id = await run_in_threadpool(exchange)
+    return Json(result, headers={"Cache-Control": "no-store", "Pragma": "no-cache",
+                                 "Audit-Index": str(audit_id)})

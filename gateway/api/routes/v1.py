@@ -7,8 +7,9 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Response
 
 from gateway.api.deps import CurrentPrincipal, GatewayDep
-from gateway.api.responses import Json
+from gateway.api.responses import Json, audited_json
 from gateway.query.spec import AggregateQuery
+from gateway.service.gateway import Audited
 from gateway.service.grants import GrantRequest
 
 router = APIRouter(prefix="/v1")
@@ -16,14 +17,14 @@ router = APIRouter(prefix="/v1")
 
 @router.get("/catalog", tags=["catalog"])
 def read_catalog(principal: CurrentPrincipal, gateway: GatewayDep) -> Json:
-    return Json(gateway.catalog_for(principal))
+    return audited_json(gateway.catalog_for(principal))
 
 
 @router.post("/grants", status_code=201, tags=["grants"])
 def create_grant(
     body: GrantRequest, principal: CurrentPrincipal, gateway: GatewayDep
 ) -> Json:
-    return Json(gateway.create_grant(principal, body), status_code=201)
+    return audited_json(gateway.create_grant(principal, body), status_code=201)
 
 
 @router.get("/grants", tags=["grants"])
@@ -32,17 +33,17 @@ def list_grants(
     gateway: GatewayDep,
     insurer: Annotated[str | None, Query(max_length=64)] = None,
 ) -> Json:
-    return Json({"grants": gateway.list_grants(principal, insurer)})
+    result = gateway.list_grants(principal, insurer)
+    return audited_json(Audited({"grants": result.body}, result.audit_id))
 
 
 @router.delete("/grants/{grant_id}", tags=["grants"])
 def revoke_grant(grant_id: str, principal: CurrentPrincipal, gateway: GatewayDep) -> Json:
-    return Json(gateway.revoke_grant(principal, grant_id))
+    return audited_json(gateway.revoke_grant(principal, grant_id))
 
 
 @router.post("/query/aggregate", tags=["query"])
 def aggregate(
     body: AggregateQuery, principal: CurrentPrincipal, gateway: GatewayDep, response: Response
 ) -> Json:
-    result = gateway.aggregate(principal, body)
-    return Json(result.body, headers={"Audit-Index": str(result.audit_id)})
+    return audited_json(gateway.aggregate(principal, body))
