@@ -246,6 +246,59 @@ def audit_verify(
     typer.echo(f"OK: {verified.size} entries verified at {datetime.now(UTC).isoformat()}")
 
 
+@audit_app.command("witness")
+def audit_witness(
+    log_key: Annotated[Path, typer.Option(help="the gateway's audit public key (PEM)")],
+    witness_key: Annotated[Path, typer.Option(help="this witness's Ed25519 private key (PEM)")],
+    state: Annotated[Path, typer.Option(help="file keeping the last checkpoint accepted")],
+    name: Annotated[str, typer.Option(help="this witness's key name")] = "witness",
+    credentials: Annotated[Path, typer.Option(help="credentials.json of an auditor client")] = (
+        _DEFAULT_WORKDIR / "credentials.json"
+    ),
+    role: Annotated[str, typer.Option(help="client in the credentials file")] = "auditor",
+    origin: Annotated[str, typer.Option(help="the log's origin line")] = (
+        "yibao-gateway.local/audit"
+    ),
+) -> None:
+    """Fetch the gateway's checkpoint, check it extends the last one this witness accepted
+    (consistency proof), countersign it and print the cosigned note."""
+    import base64
+
+    import httpx
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    from gateway.audit.witness import WitnessState, witness_checkpoint
+    from gateway.auth.keys import load_or_create_private_key, load_public_key_pem
+    from gateway.cli.clients import fetch_token
+
+    public, _ = load_public_key_pem(log_key.read_text("ascii"))
+    own = load_or_create_private_key(witness_key, "EdDSA")
+    if not isinstance(public, ed25519.Ed25519PublicKey) or not isinstance(
+        own, ed25519.Ed25519PrivateKey
+    ):
+        raise GatewayError("log and witness keys must be Ed25519")
+    base_url = json.loads(credentials.read_text("utf-8"))["base_url"]
+    token = fetch_token(credentials, role)
+    with httpx.Client(base_url=base_url, headers={"Authorization": f"Bearer {token}"},
+                      timeout=30) as http:
+        response = http.get("/v1/audit/checkpoint")
+        if response.status_code != 200:
+            raise GatewayError(f"checkpoint request failed with HTTP {response.status_code}")
+
+        def consistency(first: int, second: int) -> list[bytes]:
+            answer = http.get("/v1/audit/proof/consistency",
+                              params={"first": first, "second": second})
+            if answer.status_code != 200:
+                raise GatewayError(f"consistency proof failed with HTTP {answer.status_code}")
+            return [base64.b64decode(h) for h in answer.json()["proof"]]
+
+        cosigned, new_state = witness_checkpoint(
+            response.text, log_key=public, origin=origin, previous=WitnessState.load(state),
+            fetch_consistency=consistency, witness_key=own, witness_name=name)
+    new_state.save(state)
+    typer.echo(cosigned, nl=False)
+
+
 def main() -> None:
     """Entry point: run the CLI, mapping gateway errors to exit codes."""
     try:
