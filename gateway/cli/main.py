@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
@@ -112,10 +114,16 @@ def demo(
 
 
 # -- grants -------------------------------------------------------------------------------
-def _cli_gateway(workdir: Path) -> Any:
+@contextmanager
+def _cli_gateway(workdir: Path) -> Iterator[Any]:
+    """The gateway's use cases, run locally by the operator (audited like API calls)."""
     from gateway.service.bootstrap import build_gateway
 
-    return build_gateway(_settings(workdir))
+    gateway = build_gateway(_settings(workdir))
+    try:
+        yield gateway
+    finally:
+        gateway.audit.close()
 
 
 def _cli_admin() -> Any:
@@ -136,11 +144,8 @@ def grant_create(
     from gateway.service.grants import GrantRequest
 
     request = GrantRequest.model_validate_json(spec.read_text("utf-8"))
-    gateway = _cli_gateway(workdir)
-    try:
+    with _cli_gateway(workdir) as gateway:
         _print_json(gateway.create_grant(_cli_admin(), request).body)
-    finally:
-        gateway.audit.close()
 
 
 @grant_app.command("list")
@@ -149,21 +154,15 @@ def grant_list(
     insurer: Annotated[str | None, typer.Option(help="only this insurer")] = None,
 ) -> None:
     """List grants."""
-    gateway = _cli_gateway(workdir)
-    try:
+    with _cli_gateway(workdir) as gateway:
         _print_json(gateway.list_grants(_cli_admin(), insurer).body)
-    finally:
-        gateway.audit.close()
 
 
 @grant_app.command("revoke")
 def grant_revoke(grant_id: str, workdir: Workdir = _DEFAULT_WORKDIR) -> None:
     """Revoke a grant; it stops working from the next request."""
-    gateway = _cli_gateway(workdir)
-    try:
+    with _cli_gateway(workdir) as gateway:
         _print_json(gateway.revoke_grant(_cli_admin(), grant_id).body)
-    finally:
-        gateway.audit.close()
 
 
 # -- clients and tokens ---------------------------------------------------------------------

@@ -150,32 +150,26 @@ _PSEUDONYM = (
     + "))::BIGINT"
 )
 
-_AMOUNTS = (
-    "medfee_sumamt",
-    "inscp_scp_amt",
-    "fulamt_ownpay_amt",
-    "overlmt_selfpay",
-    "hifp_pay",
-    "hifmi_pay",
-    "maf_pay",
-    "acct_pay",
-    "psn_cash_pay",
-    "psn_part_amt",
-)
-_YEARLY_AMOUNTS = (
-    "medfee_sumamt",
-    "inscp_scp_amt",
-    "fulamt_ownpay_amt",
-    "overlmt_selfpay",
-    "hifp_pay",
-    "hifmi_pay",
-    "psn_part_amt",
-)
+def _amount_columns(catalog: Catalog) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The settlement source's decimal fields, and the person-year measures that are yearly
+    sums of them: the catalog is the one list."""
+    amounts = tuple(
+        name
+        for name, field in catalog.sources["settlements"].fields.items()
+        if field.type is FieldType.DECIMAL
+    )
+    yearly = tuple(m for m in catalog.datasets["person_years"].measures if m in amounts)
+    return amounts, yearly
 
 
 def _build_tables(
-    con: duckdb.DuckDBPyConnection, key: bytes, persons_file: str, progress: Progress
+    con: duckdb.DuckDBPyConnection,
+    key: bytes,
+    persons_file: str,
+    catalog: Catalog,
+    progress: Progress,
 ) -> int:
+    amount_columns, yearly_columns = _amount_columns(catalog)
     ipad, opad = hmac_pads(key)
     params = {"ipad": ipad, "opad": opad}
     progress("pseudonymizing persons")
@@ -226,7 +220,7 @@ def _build_tables(
     unplaced = int(unplaced_row[0]) if unplaced_row else 0
 
     progress("joining settlements to persons")
-    amounts = ", ".join(f"s.{a}::DECIMAL(18,2) AS {a}" for a in _AMOUNTS)
+    amounts = ", ".join(f"s.{a}::DECIMAL(18,2) AS {a}" for a in amount_columns)
     age = "(year(s.setl_time::TIMESTAMP) - p.birth_year)"
     con.execute(
         "CREATE TABLE settlements AS SELECT "
@@ -241,8 +235,8 @@ def _build_tables(
     )
 
     progress("deriving person-years")
-    sums = ", ".join(f"sum({a}) AS {a}" for a in _YEARLY_AMOUNTS)
-    coalesced = ", ".join(f"coalesce(agg.{a}, 0)::DECIMAL(18,2) AS {a}" for a in _YEARLY_AMOUNTS)
+    sums = ", ".join(f"sum({a}) AS {a}" for a in yearly_columns)
+    coalesced = ", ".join(f"coalesce(agg.{a}, 0)::DECIMAL(18,2) AS {a}" for a in yearly_columns)
     # Fragments below are module constants; no input reaches this text.
     con.execute(
         "CREATE TABLE person_years AS "  # noqa: S608
@@ -333,7 +327,7 @@ def ingest(
         for view, path, source in sources:
             progress(f"scanning text columns of {path.name}")
             _scan_text_columns(con, view, path.name, source)
-        unplaced = _build_tables(con, key, persons_file.name, progress)
+        unplaced = _build_tables(con, key, persons_file.name, catalog, progress)
         _check_references(con, settlements_file.name)
         counts = {t: _count(con, t) for t in ("persons", "settlements", "person_years")}
         con.execute("CREATE TABLE _meta (key VARCHAR PRIMARY KEY, value VARCHAR)")

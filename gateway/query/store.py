@@ -57,26 +57,19 @@ class StoreLayout:
     def publish(self, version: str, built_file: Path) -> None:
         """Move a closed, complete database file into place and point CURRENT at it."""
         self.versions.mkdir(parents=True, exist_ok=True)
-        _fsync_file(built_file)
+        _fsync(built_file)
         final = self.version_path(version)
         os.replace(built_file, final)
-        _fsync_dir(self.versions)
+        _fsync(self.versions)
         staged = self.root / "CURRENT.tmp"
         staged.write_text(version + "\n", "utf-8")
-        _fsync_file(staged)
+        _fsync(staged)
         os.replace(staged, self.pointer)
-        _fsync_dir(self.root)
+        _fsync(self.root)
 
 
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
+def _fsync(path: Path) -> None:
+    """Flush a file, or a directory's entries (so a rename survives a crash)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
