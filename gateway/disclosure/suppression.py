@@ -1,28 +1,42 @@
-"""Disclosure control on an aggregate result: small cells never leave as numbers.
+"""Disclosure control on an aggregate result: sensitive cells never leave as numbers.
 
-Pure functions on plain rows. A cell whose distinct-person count is below the obligation's
-minimum keeps its dimension values (so the caller sees that it exists) and loses every measure.
+Pure functions on plain rows. Rules, in order (docs/disclosure.md has the parameters and the
+attacker model):
+
+* **primary** — fewer distinct persons than the obligation's minimum: every measure withheld;
+* **dominance** / **p_percent** — for sums and means, when the per-cell top contributions are
+  supplied (``contribution_fields``): the cell's sum and mean measures are withheld, counts stay;
+* **secondary** — complementary suppression (:mod:`.complementary`), so that no withheld value
+  can be recomputed or narrowed from the released cells and the line totals: every measure
+  withheld.
+
+A suppressed cell keeps its dimension values (the caller sees that it exists).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import ROUND_HALF_EVEN, Decimal
 from typing import Any
 
-__all__ = ["DisclosedResult", "SuppressedCell", "disclose"]
+from gateway.disclosure.complementary import Table, complementary_suppression
+from gateway.disclosure.rules import CellContribution, Number, magnitude_sensitivity
+
+__all__ = ["REASONS", "DisclosedResult", "SuppressedCell", "disclose", "magnitude_field"]
 
 _CENT = Decimal("0.01")
+REASONS = ("primary", "dominance", "p_percent", "secondary")
 
 
 @dataclass(frozen=True)
 class SuppressedCell:
     row: int
-    reason: str  # "primary" (too few persons); later "secondary", "dominance"
+    reason: str  # one of REASONS
+    measures: tuple[str, ...] = ()  # the withheld measures (all, unless dominance / p_percent)
 
     def to_json(self) -> dict[str, Any]:
-        return {"row": self.row, "reason": self.reason}
+        return {"row": self.row, "reason": self.reason, "measures": list(self.measures)}
 
 
 @dataclass(frozen=True)
@@ -34,6 +48,7 @@ class DisclosedResult:
 
     @property
     def cells_released(self) -> int:
+        """Rows whose every measure is released."""
         return len(self.rows) - len(self.suppressed)
 
 
@@ -45,6 +60,18 @@ def _release(value: Any) -> Any:
     return value
 
 
+def magnitude_field(measure: str) -> str | None:
+    """The summed field behind a measure alias (``sum_x`` / ``mean_x`` → ``x``), else None."""
+    for prefix in ("sum_", "mean_"):
+        if measure.startswith(prefix) and len(measure) > len(prefix):
+            return measure[len(prefix) :]
+    return None
+
+
+def _number(value: Any) -> float:
+    return 0.0 if value is None else float(value)
+
+
 def disclose(
     dimensions: Sequence[str],
     measures: Sequence[str],
@@ -52,40 +79,139 @@ def disclose(
     *,
     min_cell_size: int,
     max_rows: int,
+    contribution_fields: Sequence[str] = (),
+    measure_fields: Mapping[str, str] | None = None,
+    dominance_k: Number = Decimal("0.90"),
+    p_percent: Number = Decimal("0.10"),
+    secondary: bool = False,
+    protection_ratio: float = 0.5,
 ) -> DisclosedResult:
-    """Apply primary suppression and the row limit.
+    """Apply primary, dominance, p % and complementary suppression, then the row limit.
 
-    ``raw_rows`` hold the dimension values, then the distinct-person count, then the measures.
+    ``raw_rows`` hold the dimension values, then the distinct-person count, then the measures,
+    then — for each field in ``contribution_fields`` — three numbers: the cell total of the
+    field and the largest and second-largest per-person sums (docs/disclosure.md, SQL shape).
+    ``measure_fields`` maps a sum/mean measure to its field (default: from the alias).
+
+    ``secondary`` is off by default only so that existing callers keep their behaviour; the
+    gateway must turn it on (docs/disclosure.md).
 
     >>> r = disclose(["gend"], ["count"], [("1", 12, 40), ("2", 3, 5)], min_cell_size=10,
     ...              max_rows=100)
-    >>> r.rows, [c.to_json() for c in r.suppressed]
-    ([['1', 40], ['2', None]], [{'row': 1, 'reason': 'primary'}])
+    >>> r.rows, [(c.row, c.reason) for c in r.suppressed]
+    ([['1', 40], ['2', None]], [(1, 'primary')])
+    >>> r = disclose(["gend"], ["count"], [("1", 12, 40), ("2", 3, 5)], min_cell_size=10,
+    ...              max_rows=100, secondary=True)
+    >>> r.rows, [(c.row, c.reason) for c in r.suppressed]
+    ([['1', None], ['2', None]], [(0, 'secondary'), (1, 'primary')])
     """
     if min_cell_size < 1:
         raise ValueError("min_cell_size must be at least 1")
-    n_dims = len(dimensions)
+    n_dims, n_measures = len(dimensions), len(measures)
+    fields_of = dict(measure_fields) if measure_fields is not None else {}
+    for m in measures:
+        if m not in fields_of and (f := magnitude_field(m)) is not None:
+            fields_of[m] = f
+    magnitude = [i for i, m in enumerate(measures) if m in fields_of]
+    counts = [i for i, m in enumerate(measures) if m not in fields_of]
+    width = n_dims + 1 + n_measures + 3 * len(contribution_fields)
+
+    keys: list[tuple[Any, ...]] = []
+    persons: list[int] = []
+    values: list[list[Any]] = []
+    contributions: list[list[CellContribution]] = []
+    for raw in raw_rows:
+        if len(raw) != width:
+            raise ValueError("row shape does not match the query")
+        keys.append(tuple(raw[:n_dims]))
+        persons.append(int(raw[n_dims] or 0))
+        values.append(list(raw[n_dims + 1 : n_dims + 1 + n_measures]))
+        tail = raw[n_dims + 1 + n_measures :]
+        contributions.append(
+            [CellContribution(*tail[3 * j : 3 * j + 3]) for j in range(len(contribution_fields))]
+        )
+    n = len(keys)
+
+    primary = {r for r in range(n) if persons[r] < min_cell_size}
+    reasons: dict[int, str] = dict.fromkeys(primary, "primary")
+    checked = {fields_of[measures[i]] for i in magnitude} & set(contribution_fields)
+    if magnitude:
+        for r in range(n):
+            if r in primary:
+                continue
+            for cell in contributions[r]:
+                why = magnitude_sensitivity(cell, k=dominance_k, p=p_percent)
+                if why is not None:
+                    reasons[r] = why
+                    break
+    magnitude_sensitive = {r for r, why in reasons.items() if why != "primary"}
+
+    withhold_all = set(primary)
+    unresolved: set[int] = set()
+    if secondary and n > 1:
+        table = Table(keys=keys, persons=persons)
+        if counts:
+            found = complementary_suppression(
+                table, primary, [[_number(values[r][i]) for r in range(n)] for i in counts],
+                min_cell_size=min_cell_size, protection_ratio=protection_ratio,
+            )
+            withhold_all |= found.secondary
+            unresolved |= found.unresolved
+        if magnitude:
+            series = [[_number(values[r][i]) for r in range(n)] for i in magnitude]
+            series += [
+                [_number(contributions[r][j].total) for r in range(n)]
+                for j in range(len(contribution_fields))
+            ]
+            found = complementary_suppression(
+                table, primary | magnitude_sensitive, series, min_cell_size=min_cell_size,
+                also_suppressed=withhold_all - primary, protection_ratio=protection_ratio,
+            )
+            withhold_all |= found.secondary
+            unresolved |= found.unresolved
+        for r in withhold_all - primary:
+            reasons.setdefault(r, "secondary")
+
     rows: list[list[Any]] = []
     suppressed: list[SuppressedCell] = []
-    notes: list[str] = []
-    for raw in raw_rows:
-        if len(raw) != n_dims + 1 + len(measures):
-            raise ValueError("row shape does not match the query")
-        persons = int(raw[n_dims] or 0)
-        dims = list(raw[:n_dims])
-        if persons < min_cell_size:
-            suppressed.append(SuppressedCell(row=len(rows), reason="primary"))
-            rows.append([*dims, *([None] * len(measures))])
+    for r in range(n):
+        if r in withhold_all:
+            gone = set(range(n_measures))
+        elif r in magnitude_sensitive:
+            gone = set(magnitude)
         else:
-            rows.append([*dims, *(_release(v) for v in raw[n_dims + 1 :])])
+            gone = set()
+        rows.append([*keys[r], *(None if i in gone else _release(v)
+                                 for i, v in enumerate(values[r]))])
+        if gone:
+            suppressed.append(SuppressedCell(
+                row=r, reason=reasons[r], measures=tuple(measures[i] for i in sorted(gone))
+            ))
+
+    notes: list[str] = []
+    unchecked = sorted({fields_of[measures[i]] for i in magnitude} - checked)
+    if unchecked:
+        notes.append(
+            "dominance and p% rules not applied (no contributions supplied) for: "
+            + ", ".join(unchecked)
+        )
+    if unresolved:
+        notes.append(
+            f"{len(unresolved)} suppressed cell(s) are narrowed by the line totals alone "
+            "(other queries); no released value of this result narrows them further"
+        )
     if len(rows) > max_rows:
         cut = len(rows) - max_rows
         rows = rows[:max_rows]
         suppressed = [c for c in suppressed if c.row < max_rows]
-        notes.append(f"result truncated to {max_rows} rows ({cut} more not returned)")
+        notes.insert(0, f"result truncated to {max_rows} rows ({cut} more not returned)")
     if suppressed:
+        tally = {why: sum(c.reason == why for c in suppressed) for why in REASONS}
+        parts = [f"{k} {why}" for why, k in tally.items() if k]
         notes.append(
-            f"{len(suppressed)} cell(s) suppressed: fewer than {min_cell_size} distinct persons"
+            f"{len(suppressed)} cell(s) suppressed: fewer than {min_cell_size} distinct persons "
+            f"(primary), top-2 dominance over {dominance_k}, p% at {p_percent}, or to protect "
+            f"those (secondary) — " + ", ".join(parts)
         )
     return DisclosedResult(
         columns=[*dimensions, *measures], rows=rows, suppressed=suppressed, notes=notes

@@ -28,12 +28,15 @@ from gateway.errors import (
     GatewayError,
     PolicyDenied,
     PolicyEngineError,
+    QueryRejected,
     RateLimited,
     StoreUnavailable,
 )
 from gateway.policy import Decision, PolicyEngine
 from gateway.query.compiler import CompiledQuery, compile_aggregate
+from gateway.query.shaping import shape
 from gateway.query.spec import AggregateQuery
+from gateway.query.sql import parse_sql
 from gateway.query.store import QueryStore
 from gateway.service.grants import GrantRequest, grant_to_json, new_grant_record, policy_data
 from gateway.state.store import StateStore
@@ -289,9 +292,26 @@ class Gateway:
             self._compiled[key] = compiled
         return compiled
 
-    def aggregate(self, principal: Principal, query: AggregateQuery) -> Audited:
-        action = "query.aggregate"
-        request_json = query.model_dump(mode="json", exclude_none=True)
+    def sql_query(self, principal: Principal, purpose: str, sql: str) -> Audited:
+        """An analyst's SQL, read into the same plan as the JSON spec (one policy, one
+        disclosure path); a refused statement is audited by its hash, never its text."""
+        try:
+            query = parse_sql(sql, purpose=purpose, catalog=self.catalog)
+        except QueryRejected as exc:
+            self.record(principal, "query.sql", status=exc.status, decision="deny",
+                        purpose=purpose, error_code=exc.code, reasons=[exc.message],
+                        request={"sql_sha256": hashlib.sha256(sql.encode()).hexdigest(),
+                                 "sql_chars": len(sql)})
+            raise
+        return self.aggregate(principal, query, action="query.sql",
+                              extra_request={"sql_sha256": hashlib.sha256(sql.encode())
+                                             .hexdigest()})
+
+    def aggregate(self, principal: Principal, query: AggregateQuery, *,
+                  action: str = "query.aggregate",
+                  extra_request: dict[str, Any] | None = None) -> Audited:
+        request_json = {**query.model_dump(mode="json", exclude_none=True),
+                        **(extra_request or {})}
         fields = query.fields()
         purpose = self.catalog.purposes.get(query.purpose)
         justifications = {
@@ -304,7 +324,8 @@ class Gateway:
             "field_justifications": justifications,
         }
         try:
-            decision = self._decide(principal, action, query.purpose, query.policy_resource())
+            decision = self._decide(principal, "query.aggregate", query.purpose,
+                                    query.policy_resource())
         except PolicyEngineError as exc:
             self.record(principal, action, status=exc.status, decision="error",
                         error_code=exc.code, reasons=["policy engine unavailable"], **common)
@@ -330,6 +351,9 @@ class Gateway:
                 min_cell_size=decision.obligations.min_cell_size,
                 max_rows=decision.obligations.max_rows,
             )
+            result = shape(result, having=query.having, order_by=query.order_by,
+                           limit=query.limit, column_of=compiled.column_of,
+                           hidden=compiled.hidden)
         except GatewayError as exc:
             self.record(principal, action, status=exc.status, decision="error",
                         error_code=exc.code, reasons=[exc.message], **common)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Response
+from fastapi import APIRouter, Query
+from pydantic import BaseModel, ConfigDict, Field
 
 from gateway.api.deps import CurrentPrincipal, GatewayDep
 from gateway.api.responses import Json, audited_json
@@ -43,7 +44,19 @@ def revoke_grant(grant_id: str, principal: CurrentPrincipal, gateway: GatewayDep
 
 
 @router.post("/query/aggregate", tags=["query"])
-def aggregate(
-    body: AggregateQuery, principal: CurrentPrincipal, gateway: GatewayDep, response: Response
-) -> Json:
+def aggregate(body: AggregateQuery, principal: CurrentPrincipal, gateway: GatewayDep) -> Json:
     return audited_json(gateway.aggregate(principal, body))
+
+
+class SqlRequest(BaseModel):
+    """``{purpose, sql}``: one SELECT in the allowed subset (see docs/sql.md)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    purpose: str = Field(min_length=1, max_length=64)
+    sql: str = Field(min_length=1, max_length=20_000)
+
+
+@router.post("/query/sql", tags=["query"])
+def sql_query(body: SqlRequest, principal: CurrentPrincipal, gateway: GatewayDep) -> Json:
+    return audited_json(gateway.sql_query(principal, body.purpose, body.sql))

@@ -1,0 +1,222 @@
+"""Complementary (secondary) cell suppression within one aggregate result.
+
+The result is a k-dimensional table over its grouping dimensions; only the cells present in
+the result exist (an absent combination is a structural zero the attacker also knows).
+
+Attacker model (see docs/disclosure.md): the attacker sees every released cell of this result
+and knows the total of every *line* — all cells that share all dimension values but one —
+because they can ask the coarser grouping in another query; with no better knowledge, values
+are only known to be ≥ 0. Two line totals are excepted, because the coarser query withholds
+them for the same reason: a line whose person counts sum to fewer than the minimum (its total
+has fewer distinct persons still), and a line holding a single, sensitive cell (the coarser
+cell is the same persons and records, so it is sensitive too).
+
+Protection: for every sensitive cell and every additive value series (person counts, counts,
+sums), the interval of values consistent with the attacker's knowledge — ``[min, max]`` of a
+linear program — must be at least ``protection_ratio`` × the cell's value wide and never a
+single point. Cells are added in two steps, repeated until nothing changes:
+
+1. the line rule: a known line holding exactly one suppressed cell gets a second one, the
+   released cell with the fewest persons (ties: earlier row), avoiding cells already published
+   through a line of their own;
+2. the audit: each sensitive cell's interval is computed by the simplex in :mod:`.lp`; a cell
+   still too narrow gets the candidate cell (same lines as its group of suppressed cells) that
+   protects it, fewest persons first, or else the one that widens it most.
+
+If no released cell is left that could widen a cell's interval, what remains is what the line
+totals alone reveal; this result adds nothing to it (reported in ``unresolved``).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Hashable, Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from gateway.disclosure.lp import FeasibleRegion
+
+__all__ = ["Protection", "Table", "complementary_suppression", "feasible_interval"]
+
+_REL_TOL = 1e-7
+_MAX_TRIALS = 64
+
+
+@dataclass(frozen=True)
+class Table:
+    """The cells of one result: their dimension keys and distinct-person counts."""
+
+    keys: Sequence[tuple[Hashable, ...]]
+    persons: Sequence[int]
+
+    def lines(self) -> list[list[int]]:
+        """Every 1-D line (cells sharing all dimension values but one), as row indexes."""
+        if not self.keys:
+            return []
+        k = len(self.keys[0])
+        found: list[list[int]] = []
+        for dim in range(k):
+            groups: dict[tuple[Hashable, ...], list[int]] = defaultdict(list)
+            for row, key in enumerate(self.keys):
+                groups[key[:dim] + key[dim + 1 :]].append(row)
+            found.extend(groups.values())
+        return found
+
+    def known_lines(self, sensitive: Iterable[int], min_cell_size: int) -> list[list[int]]:
+        """The lines whose totals the attacker is assumed to know (see the module text)."""
+        sensitive = set(sensitive)
+        known = []
+        for line in self.lines():
+            if sum(self.persons[r] for r in line) < min_cell_size:
+                continue
+            if len(line) == 1 and line[0] in sensitive:
+                continue
+            known.append(line)
+        return known
+
+
+@dataclass(frozen=True)
+class Protection:
+    secondary: frozenset[int]
+    unresolved: frozenset[int]  # sensitive cells whose interval the line totals alone narrow
+
+
+def _component(start: int, pattern: set[int], lines_of: dict[int, list[list[int]]]) -> list[int]:
+    seen = {start}
+    todo = [start]
+    while todo:
+        cell = todo.pop()
+        for line in lines_of.get(cell, []):
+            for other in line:
+                if other in pattern and other not in seen:
+                    seen.add(other)
+                    todo.append(other)
+    return sorted(seen)
+
+
+def feasible_interval(
+    cell: int,
+    pattern: set[int],
+    known_lines: Sequence[Sequence[int]],
+    values: Sequence[float],
+) -> tuple[float, float]:
+    """``[min, max]`` of a suppressed cell's value given the released cells and line totals."""
+    lines_of: dict[int, list[list[int]]] = defaultdict(list)
+    for line in known_lines:
+        for r in line:
+            lines_of[r].append(list(line))
+    comp = _component(cell, pattern, lines_of)
+    index = {r: i for i, r in enumerate(comp)}
+    rows: list[list[int]] = []
+    seen_lines: set[tuple[int, ...]] = set()
+    for r in comp:
+        for line in lines_of.get(r, []):
+            inside = tuple(sorted(index[x] for x in line if x in index))
+            if inside not in seen_lines:
+                seen_lines.add(inside)
+                rows.append(list(inside))
+    v = np.array([float(values[r]) for r in comp])
+    if not rows:
+        return (0.0 if v.min() >= 0 else -np.inf), np.inf
+    scale = max(float(np.abs(v).max()), 1.0)
+    lower = 0.0 if v.min() >= 0 else -float(np.abs(v).sum()) / scale - 1.0
+    y = v / scale - lower
+    a = np.zeros((len(rows), len(comp)))
+    for i, members in enumerate(rows):
+        a[i, members] = 1.0
+    region = FeasibleRegion(a, a @ y)
+    c = np.zeros(len(comp))
+    c[index[cell]] = 1.0
+    hi = region.maximize(c)
+    lo = -region.maximize(-c)
+    return (lo + lower) * scale, (hi + lower) * scale
+
+
+def _protected(
+    cell: int, interval: tuple[float, float], values: Sequence[float], ratio: float
+) -> bool:
+    value = abs(float(values[cell]))
+    width = interval[1] - interval[0]
+    return width >= ratio * value - _REL_TOL * max(value, 1.0) and width > _REL_TOL * max(
+        value, 1.0
+    )
+
+
+def complementary_suppression(
+    table: Table,
+    sensitive: Iterable[int],
+    series: Sequence[Sequence[float]],
+    *,
+    min_cell_size: int,
+    also_suppressed: Iterable[int] = (),
+    protection_ratio: float = 0.5,
+) -> Protection:
+    """Cells to suppress in addition to ``sensitive`` (and ``also_suppressed``, already withheld
+    but not themselves in need of protection) so that every sensitive cell stays protected in
+    every value series."""
+    sensitive = set(sensitive)
+    pattern = sensitive | set(also_suppressed)
+    known = table.known_lines(sensitive, min_cell_size)
+    lines_of: dict[int, list[list[int]]] = defaultdict(list)
+    for line in known:
+        for r in line:
+            lines_of[r].append(line)
+    exposed = {line[0] for line in known if len(line) == 1}
+
+    def order(r: int) -> tuple[bool, int, int]:
+        return (r in exposed, table.persons[r], r)
+
+    unresolved: set[int] = set()
+    while True:
+        changed = True
+        while changed:  # the line rule
+            changed = False
+            for line in known:
+                inside = [r for r in line if r in pattern]
+                outside = [r for r in line if r not in pattern]
+                if len(inside) == 1 and outside:
+                    pattern.add(min(outside, key=order))
+                    changed = True
+        failing: tuple[int, Sequence[float], float] | None = None
+        for cell in sorted(sensitive - unresolved):
+            for values in series:
+                interval = feasible_interval(cell, pattern, known, values)
+                if not _protected(cell, interval, values, protection_ratio):
+                    failing = (cell, values, interval[1] - interval[0])
+                    break
+            if failing is not None:
+                break
+        if failing is None:
+            break
+        cell, values, width = failing
+        comp = _component(cell, pattern, lines_of)
+        candidates = sorted(
+            {r for c in comp for line in lines_of.get(c, []) for r in line if r not in pattern},
+            key=order,
+        )
+        if not candidates:
+            unresolved.add(cell)
+            continue
+        chosen: int | None = None
+        best = (width, candidates[0])
+        for r in candidates[:_MAX_TRIALS]:
+            trial = feasible_interval(cell, pattern | {r}, known, values)
+            if _protected(cell, trial, values, protection_ratio):
+                chosen = r
+                break
+            if trial[1] - trial[0] > best[0] + _REL_TOL:
+                best = (trial[1] - trial[0], r)
+        pattern.add(best[1] if chosen is None else chosen)
+    unresolved = {
+        cell
+        for cell in unresolved
+        if not all(
+            _protected(cell, feasible_interval(cell, pattern, known, v), v, protection_ratio)
+            for v in series
+        )
+    }
+    return Protection(
+        secondary=frozenset(pattern - sensitive - set(also_suppressed)),
+        unresolved=frozenset(unresolved),
+    )
