@@ -80,6 +80,7 @@ class Table:
 class Protection:
     secondary: frozenset[int]
     unresolved: frozenset[int]  # sensitive cells whose interval the line totals alone narrow
+    exact: bool = True  # False when the table was too large for the interval check
 
 
 def _component(start: int, pattern: set[int], lines_of: dict[int, list[list[int]]]) -> list[int]:
@@ -151,10 +152,14 @@ def complementary_suppression(
     min_cell_size: int,
     also_suppressed: Iterable[int] = (),
     protection_ratio: float = 0.5,
+    max_exact_cells: int | None = None,
 ) -> Protection:
     """Cells to suppress in addition to ``sensitive`` (and ``also_suppressed``, already withheld
     but not themselves in need of protection) so that every sensitive cell stays protected in
-    every value series."""
+    every value series.
+
+    The exact interval check costs linear programs per sensitive cell; on a table of more than
+    ``max_exact_cells`` cells only the line rule runs (``Protection.exact`` is then False)."""
     sensitive = set(sensitive)
     pattern = sensitive | set(also_suppressed)
     known = table.known_lines(sensitive, min_cell_size)
@@ -168,6 +173,7 @@ def complementary_suppression(
         return (r in exposed, table.persons[r], r)
 
     unresolved: set[int] = set()
+    exact = True
     while True:
         changed = True
         while changed:  # the line rule
@@ -178,6 +184,9 @@ def complementary_suppression(
                 if len(inside) == 1 and outside:
                     pattern.add(min(outside, key=order))
                     changed = True
+        if max_exact_cells is not None and len(table.persons) > max_exact_cells:
+            exact = False
+            break
         failing: tuple[int, Sequence[float], float] | None = None
         for cell in sorted(sensitive - unresolved):
             for values in series:
@@ -211,7 +220,7 @@ def complementary_suppression(
     unresolved = {
         cell
         for cell in unresolved
-        if not all(
+        if exact and not all(
             _protected(cell, feasible_interval(cell, pattern, known, v), v, protection_ratio)
             for v in series
         )
@@ -219,4 +228,5 @@ def complementary_suppression(
     return Protection(
         secondary=frozenset(pattern - sensitive - set(also_suppressed)),
         unresolved=frozenset(unresolved),
+        exact=exact,
     )

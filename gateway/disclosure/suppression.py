@@ -85,6 +85,7 @@ def disclose(
     p_percent: Number = Decimal("0.10"),
     secondary: bool = False,
     protection_ratio: float = 0.5,
+    max_exact_cells: int | None = None,
 ) -> DisclosedResult:
     """Apply primary, dominance, p % and complementary suppression, then the row limit.
 
@@ -148,13 +149,16 @@ def disclose(
 
     withhold_all = set(primary)
     unresolved: set[int] = set()
+    exact = True
     if secondary and n > 1:
         table = Table(keys=keys, persons=persons)
         if counts:
             found = complementary_suppression(
                 table, primary, [[_number(values[r][i]) for r in range(n)] for i in counts],
                 min_cell_size=min_cell_size, protection_ratio=protection_ratio,
+                max_exact_cells=max_exact_cells,
             )
+            exact = exact and found.exact
             withhold_all |= found.secondary
             unresolved |= found.unresolved
         if magnitude:
@@ -166,7 +170,9 @@ def disclose(
             found = complementary_suppression(
                 table, primary | magnitude_sensitive, series, min_cell_size=min_cell_size,
                 also_suppressed=withhold_all - primary, protection_ratio=protection_ratio,
+                max_exact_cells=max_exact_cells,
             )
+            exact = exact and found.exact
             withhold_all |= found.secondary
             unresolved |= found.unresolved
         for r in withhold_all - primary:
@@ -194,6 +200,11 @@ def disclose(
         notes.append(
             "dominance and p% rules not applied (no contributions supplied) for: "
             + ", ".join(unchecked)
+        )
+    if not exact:
+        notes.append(
+            f"complementary suppression used the line rule only (more than {max_exact_cells} "
+            "cells): ask for fewer dimensions for the exact protection check"
         )
     if unresolved:
         notes.append(

@@ -80,6 +80,11 @@ class _RateLimiter:
             return True
 
 
+# Above this many cells the exact interval check of complementary suppression is too slow
+# for a request (its LPs grow with the table); the line rule still runs.
+_MAX_EXACT_CELLS = 300
+
+
 def _digest(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
@@ -350,6 +355,7 @@ class Gateway:
                 compiled.dimensions, compiled.measures, raw_rows,
                 min_cell_size=decision.obligations.min_cell_size,
                 max_rows=decision.obligations.max_rows,
+                secondary=True, max_exact_cells=_MAX_EXACT_CELLS,
             )
             result = shape(result, having=query.having, order_by=query.order_by,
                            limit=query.limit, column_of=compiled.column_of,

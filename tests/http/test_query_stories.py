@@ -72,16 +72,26 @@ def test_aggregate_matches_duckdb_and_suppresses_small_cells(
     suppressed_rows = {c["row"] for c in result["suppressed"]}
     assert result["suppressed_count"] == len(suppressed_rows)
     assert suppressed_rows, "a fine inpatient breakdown of 3,000 persons must have small cells"
+    reasons = {c["row"]: c["reason"] for c in result["suppressed"]}
     for i, (got, want) in enumerate(zip(result["rows"], expected, strict=True)):
         assert got[:3] == list(want[:3])
         if want[3] < 10:
-            assert i in suppressed_rows
+            assert reasons.get(i) == "primary"
+        if i in suppressed_rows:
             assert got[3:] == [None, None, None, None]
         else:
-            assert i not in suppressed_rows
             assert got[3:5] == [want[3], want[4]]
             assert Decimal(str(got[5])) == want[5]
             assert got[6] == pytest.approx(float(want[6]), abs=0.01)
+    # Complementary suppression: no line (cells sharing all but one dimension value) holds
+    # exactly one suppressed cell, so none is recoverable from the line's total.
+    for axis in range(3):
+        lines: dict[tuple[Any, ...], list[int]] = {}
+        for i, row in enumerate(result["rows"]):
+            lines.setdefault(tuple(v for k, v in enumerate(row[:3]) if k != axis), []).append(i)
+        for members in lines.values():
+            hidden = [i for i in members if i in suppressed_rows]
+            assert len(hidden) != 1 or len(members) == 1, (axis, members, hidden)
     assert response.headers["Audit-Index"] == str(result["audit_id"])
 
 
