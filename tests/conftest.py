@@ -34,7 +34,7 @@ PRICING_GRANT: dict[str, Any] = {
     "datasets": ["settlements", "person_years"],
     "dimensions": ["age_band", "gend", "insu_admdvs", "insutype", "year", "med_type", "hosp_lv"],
     "measures": ["medfee_sumamt", "psn_part_amt", "fulamt_ownpay_amt", "inscp_scp_amt",
-                 "exposure", "setl_cnt"],
+                 "exposure", "setl_cnt", "hifp_pay", "hifmi_pay", "overlmt_selfpay"],
     "min_cell_size": 10,
 }
 
