@@ -12,14 +12,20 @@ from gateway.api.errors import install_error_handlers
 from gateway.api.metrics import MetricsMiddleware
 from gateway.api.routes import audit, health, oauth, pricing, v1
 from gateway.service.gateway import Gateway
+from gateway.service.monitoring import Monitor
 
 __all__ = ["create_app"]
 
 
 def create_app(gateway: Gateway) -> FastAPI:
+    # Created here (not in the lifespan) so a client that skips the lifespan still has one.
+    monitor = Monitor(gateway.audit)
+
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        monitor.start()
         yield
+        monitor.stop()  # before the audit log closes
         gateway.audit.close()
 
     app = FastAPI(
@@ -32,6 +38,7 @@ def create_app(gateway: Gateway) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.gateway = gateway
+    app.state.monitor = monitor
     install_error_handlers(app)
     app.include_router(health.router)
     app.include_router(oauth.router)

@@ -245,6 +245,35 @@ def audit_verify(
     typer.echo(f"OK: {verified.size} entries verified at {datetime.now(UTC).isoformat()}")
 
 
+@audit_app.command("report")
+def audit_report(
+    out: Annotated[Path, typer.Option("--out", help="file to write")],
+    workdir: Workdir = _DEFAULT_WORKDIR,
+    since: Annotated[str | None, typer.Option(
+        help="from (inclusive): YYYY-MM-DD (local midnight) or RFC 3339")] = None,
+    until: Annotated[str | None, typer.Option(help="to (exclusive), like --since")] = None,
+    fmt: Annotated[str, typer.Option("--format", help="csv | svg | html | json")] = "html",
+    kind: Annotated[str, typer.Option(
+        help="CSV table: access | refusals | persons")] = "access",
+    bucket: Annotated[str, typer.Option(help="day | hour")] = "day",
+) -> None:
+    """Write an auditor report read straight from the local audit log file. An operator's
+    tool: whoever can read the work directory can read the log, so no policy decision is made
+    and no audit entry is written (the API's GET /v1/audit/report does both)."""
+    from gateway.audit import SqliteAuditLog
+    from gateway.service.monitoring import report_content
+
+    settings = _settings(workdir)
+    if not settings.audit_path.exists():
+        raise GatewayError(f"no audit log at {settings.audit_path}")
+    with SqliteAuditLog(settings.audit_path) as log:
+        content = report_content(log, since, until, bucket, kind, fmt)
+    text = (json.dumps(content, ensure_ascii=False, indent=2) + "\n"
+            if isinstance(content, dict) else content)
+    out.write_text(text, "utf-8", newline="")
+    typer.echo(f"wrote {out}")
+
+
 @audit_app.command("witness")
 def audit_witness(
     log_key: Annotated[Path, typer.Option(help="the gateway's audit public key (PEM)")],
