@@ -1,0 +1,159 @@
+"""Tests of DPoP proof verification (RFC 9449 §4.3): each check refuses its own forged case."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
+
+from gateway.consent import access_token_hash, jwk_thumbprint, public_jwk, verify_dpop_proof
+from gateway.consent.keys import b64url_encode
+from gateway.errors import AuthenticationFailed
+
+# RFC 8032 §7.1 TEST 3 and TEST 2 secret keys; a fixed P-256 scalar for ES256.
+SEED_3 = bytes.fromhex("c5aa8df43f9f837bedb7442f31dcb7b166d38535076f094b85ce3a2e0b4458f7")
+SEED_2 = bytes.fromhex("4ccd089b28ff96da9db6c346ec114e0f5b8a319f35aba624da8cf6ed4fb8a6fb")
+P256_SCALAR = 0xC9AFA9D845BA75166B5C215767B1D6934E50C3DB36E89B127B8A622B120F6721
+
+ED = Ed25519PrivateKey.from_private_bytes(SEED_3)
+OTHER = Ed25519PrivateKey.from_private_bytes(SEED_2)
+P256 = ec.derive_private_key(P256_SCALAR, ec.SECP256R1())
+JKT = jwk_thumbprint(public_jwk(ED.public_key()))
+ACCESS = "eyJhbGciOiJFZERTQSJ9.eyJjb25zZW50IjoxfQ.c2lnbmF0dXJl"
+HTU = "https://gateway.yibao.test/v1/persons/enrollment"
+NOW = 1_790_000_000
+
+
+def _b64(obj: dict[str, Any] | str) -> str:
+    text = obj if isinstance(obj, str) else json.dumps(obj, separators=(",", ":"))
+    return b64url_encode(text.encode())
+
+
+def _sign(signer: Any, data: bytes) -> bytes:
+    if isinstance(signer, Ed25519PrivateKey):
+        return signer.sign(data)
+    r, s = decode_dss_signature(signer.sign(data, ec.ECDSA(hashes.SHA256())))
+    return r.to_bytes(32, "big") + s.to_bytes(32, "big")
+
+
+def proof(*, signer: Any = ED, header: dict[str, Any] | None = None,
+          claims: dict[str, Any] | None = None, drop: tuple[str, ...] = (),
+          raw_payload: str | None = None) -> str:
+    jwk = public_jwk(signer.public_key())
+    h: dict[str, Any] = {"typ": "dpop+jwt",
+                         "alg": "EdDSA" if isinstance(signer, Ed25519PrivateKey) else "ES256",
+                         "jwk": jwk}
+    h.update(header or {})
+    c: dict[str, Any] = {"jti": "proof-jti-000000001", "htm": "POST", "htu": HTU, "iat": NOW,
+                         "ath": access_token_hash(ACCESS)}
+    c.update(claims or {})
+    h = {k: v for k, v in h.items() if k not in drop and v is not None}
+    c = {k: v for k, v in c.items() if k not in drop}
+    signing_input = f"{_b64(h)}.{_b64(raw_payload if raw_payload is not None else c)}"
+    return f"{signing_input}.{b64url_encode(_sign(signer, signing_input.encode()))}"
+
+
+def fresh() -> Callable[[str], bool]:
+    seen: set[str] = set()
+
+    def spend(jti: str) -> bool:
+        if jti in seen:
+            return False
+        seen.add(jti)
+        return True
+
+    return spend
+
+
+def check(token: object, *, jkt: str = JKT, htm: str = "POST", htu: str = HTU,
+          now: float = NOW, seen: Callable[[str], bool] | None = None) -> Any:
+    return verify_dpop_proof(token, htm=htm, htu=htu, access_token=ACCESS, expected_jkt=jkt,
+                             now=now, seen_jti=seen or fresh())
+
+
+def code(token: object, **kwargs: Any) -> str:
+    with pytest.raises(AuthenticationFailed) as info:
+        check(token, **kwargs)
+    assert info.value.status == 401
+    return info.value.code
+
+
+def test_valid_eddsa_proof() -> None:
+    result = check(proof())
+    assert (result.jti, result.jkt, result.iat) == ("proof-jti-000000001", JKT, NOW)
+
+
+def test_valid_es256_proof() -> None:
+    jkt = jwk_thumbprint(public_jwk(P256.public_key()))
+    assert check(proof(signer=P256), jkt=jkt).jkt == jkt
+
+
+def test_htu_query_and_fragment_of_the_request_are_ignored() -> None:
+    check(proof(), htu=HTU + "?x=1#frag")
+    assert code(proof(claims={"htu": HTU + "?x=1"})) == "dpop_wrong_htu"
+
+
+@pytest.mark.parametrize(("name", "forged", "expected"), [
+    ("missing", None, "dpop_missing"),
+    ("empty", "", "dpop_missing"),
+    ("two-segments", "a.b", "dpop_malformed"),
+    ("oversized", "a" * 5000, "dpop_too_large"),
+    ("duplicate-htm", proof(raw_payload='{"jti":"proof-jti-000000001","htm":"GET","htm":"POST",'
+                                        f'"htu":"{HTU}","iat":{NOW},'
+                                        f'"ath":"{access_token_hash(ACCESS)}"}}'),
+     "dpop_duplicate_member"),
+    ("typ-jwt", proof(header={"typ": "JWT"}), "dpop_wrong_typ"),
+    ("consent-typ", proof(header={"typ": "consent+jwt"}), "dpop_wrong_typ"),
+    ("alg-none", proof(header={"alg": "none"}), "dpop_bad_alg"),
+    ("alg-hs256", proof(header={"alg": "HS256"}), "dpop_bad_alg"),
+    ("kid-header", proof(header={"kid": "k1"}), "dpop_forbidden_header"),
+    ("jku-header", proof(header={"jku": "https://attacker.test/jwks"}), "dpop_forbidden_header"),
+    ("no-jwk", proof(drop=("jwk",)), "dpop_bad_jwk"),
+    ("private-jwk", proof(header={"jwk": {**public_jwk(ED.public_key()),
+                                          "d": b64url_encode(SEED_3)}}), "dpop_bad_jwk"),
+    ("jwk-wrong-curve-for-alg", proof(header={"alg": "ES256"}), "dpop_bad_jwk"),
+    ("jwk-symmetric", proof(header={"jwk": {"kty": "oct", "k": "c2VjcmV0"}}), "dpop_bad_jwk"),
+    ("signed-by-other-key", proof(header={"jwk": public_jwk(OTHER.public_key())}),
+     "dpop_bad_signature"),
+    ("missing-ath", proof(drop=("ath",)), "dpop_missing_claim"),
+    ("missing-jti", proof(drop=("jti",)), "dpop_missing_claim"),
+    ("iat-string", proof(claims={"iat": str(NOW)}), "dpop_bad_claim"),
+    ("short-jti", proof(claims={"jti": "1"}), "dpop_bad_claim"),
+    ("wrong-htm", proof(claims={"htm": "GET"}), "dpop_wrong_htm"),
+    ("lowercase-htm", proof(claims={"htm": "post"}), "dpop_wrong_htm"),
+    ("wrong-htu", proof(claims={"htu": "https://gateway.yibao.test/v1/persons/settlements"}),
+     "dpop_wrong_htu"),
+    ("stale-iat", proof(claims={"iat": NOW - 66}), "dpop_stale"),
+    ("future-iat", proof(claims={"iat": NOW + 6}), "dpop_future"),
+    ("wrong-ath", proof(claims={"ath": access_token_hash(ACCESS + "x")}), "dpop_wrong_ath"),
+    ("wrong-jkt", proof(signer=OTHER), "dpop_wrong_key"),
+])
+def test_refusals(name: str, forged: object, expected: str) -> None:
+    assert code(forged) == expected, name
+
+
+def test_iat_freshness_boundaries() -> None:
+    check(proof(claims={"iat": NOW - 65}))  # max_age 60 + leeway 5
+    check(proof(claims={"iat": NOW + 5}))
+    assert code(proof(claims={"iat": NOW - 66})) == "dpop_stale"
+
+
+def test_replayed_jti_is_refused_and_refusals_spend_nothing() -> None:
+    seen = fresh()
+    token = proof()
+    assert code(token, htm="GET", seen=seen) == "dpop_wrong_htm"  # refused: jti not spent
+    check(token, seen=seen)
+    assert code(token, seen=seen) == "dpop_replay"
+
+
+def test_ath_is_base64url_sha256_of_the_token() -> None:
+    # RFC 9449 §7.1 example: the access token "Kz~8mXK1EalYznwH-LC-1fBAo.4Ljp~zsPE_NeO.gxU"
+    assert access_token_hash("Kz~8mXK1EalYznwH-LC-1fBAo.4Ljp~zsPE_NeO.gxU") == (
+        "fUHyO2r2Z3DZ53EsNrWBb0xWXoaNy59IiKCAqksmQEo"
+    )
