@@ -8,7 +8,7 @@ SEED ?= 7
 PORT ?= 8000
 WORKDIR ?= .gateway/demo
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint opa opa-check bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,12 +21,31 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/gateway demo --persons $(PERSONS) --seed $(SEED) --port $(PORT) --workdir $(WORKDIR)
 
-test: $(STAMP)
+# The suite includes the OPA parity tests, so it builds the real OPA first (cached; minutes
+# the first time, a second after).
+test: $(STAMP) opa
 	$(BIN)/pytest
+
+opa:
+	@bash tools/build-opa.sh >/dev/null
 
 lint: $(STAMP)
 	$(BIN)/ruff check gateway tests bench
 	$(BIN)/mypy
+
+# The real OPA, built from its Go module (tools/build-opa.sh pins the version and caches the
+# binary): strict compile with the JSON Schemas, formatting, and every *_test.rego. The
+# schemas are not policy data, so `opa test` does not load them.
+opa-check:
+	@set -e; opa=$$(bash tools/build-opa.sh); \
+	echo "opa check --strict --schema policies/schemas policies/"; \
+	$$opa check --strict --schema policies/schemas policies/; \
+	echo "opa fmt --list --fail policies/"; \
+	if ! unformatted=$$($$opa fmt --list --fail policies/) || [ -n "$$unformatted" ]; then \
+		echo "opa fmt: not formatted (run: $$opa fmt -w policies/): $$unformatted" >&2; exit 1; \
+	fi; \
+	echo "opa test --ignore schemas policies/"; \
+	$$opa test --ignore schemas policies/
 
 bench: $(STAMP)
 	$(BIN)/pip install --quiet -e ".[dev,bench]"

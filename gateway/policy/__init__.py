@@ -19,12 +19,14 @@ from gateway.policy.engine import (
     policies_dir,
     register_engine,
 )
+from gateway.policy.opa import OpaServerEngine
 
 __all__ = [
     "DECISION_ENTRYPOINT",
     "Decision",
     "EngineFactory",
     "Obligations",
+    "OpaServerEngine",
     "PolicyEngine",
     "RegorusEngine",
     "build_engine",

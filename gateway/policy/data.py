@@ -1,6 +1,6 @@
 """The policy data document, and the index the engines derive from it.
 
-Shape (see ``policies/schemas/data.json`` and ``docs/policy.md``)::
+Shape (see ``policies/schemas/gateway/*.json`` and ``docs/policy.md``)::
 
     {"gateway": {"catalog": {"datasets": {...}, "purposes": {...}, "defaults": {...}},
                  "grants": {"g-1": {...}, ...},

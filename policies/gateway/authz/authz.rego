@@ -12,9 +12,14 @@
 #   few rules and no per-grant function calls, bodies bind data subtrees to locals, and the
 #   wording of what needs more work (why a grant is unusable, what is malformed) is only
 #   worked out once the cheap checks have failed.
+#
+#   Schemas (policies/schemas, `opa check --schema policies/schemas`): the input, and each
+#   data subtree the gateway pushes. Not the data root: data.gateway.authz is this package.
 # schemas:
 #   - input: schema.input
-#   - data: schema.data
+#   - data.gateway.catalog: schema.gateway.catalog
+#   - data.gateway.grants: schema.gateway.grants
+#   - data.gateway.grant_index: schema.gateway.grant_index
 package gateway.authz
 
 # Aggregate functions the gateway computes. min and max are never allowed: each one is a
@@ -53,7 +58,9 @@ decision := {
 }
 
 # A deny that no rule explains still says why.
-explained_reasons := deny_reasons if count(deny_reasons) > 0 else := {"denied by default"}
+explained_reasons := deny_reasons if {
+	count(deny_reasons) > 0
+} else := {"denied by default"}
 
 # Query checks run only when the role may query at all, so an admin calling the query
 # endpoint hears about its role, not about grants it could never hold; and only on a query
@@ -116,9 +123,13 @@ catalog_defaults := defaults if {
 
 # --- reasons for every action --------------------------------------------------------------
 
-base_reasons contains "request has no subject role" if not is_string(input.subject.role)
+# Under `not`, a call or `in` must never get an undefined argument: OPA hoists the argument
+# out of the negation, so an undefined one makes the whole rule undefined (regorus does not).
+# Members that may be missing are read with object.get and a default, or through a helper
+# rule whose negation is safe in both engines.
+base_reasons contains "request has no subject role" if not is_string(object.get(input, ["subject", "role"], null))
 
-base_reasons contains "request has no action" if not is_string(input.action)
+base_reasons contains "request has no action" if not is_string(object.get(input, "action", null))
 
 base_reasons contains sprintf("action %s is not allowed for role %s", [input.action, input.subject.role]) if {
 	not role_may_act
@@ -169,17 +180,17 @@ well_shaped_query if {
 	}
 }
 
-shape_reasons contains "request has no subject org" if not is_string(input.subject.org)
+shape_reasons contains "request has no subject org" if not is_string(object.get(input, ["subject", "org"], null))
 
-shape_reasons contains "request has no purpose" if not is_string(input.purpose)
+shape_reasons contains "request has no purpose" if not is_string(object.get(input, "purpose", null))
 
-shape_reasons contains "request has no time" if not is_number(input.time_ns)
+shape_reasons contains "request has no time" if not is_number(object.get(input, "time_ns", null))
 
-shape_reasons contains "request has no resource" if not is_object(input.resource)
+shape_reasons contains "request has no resource" if not is_object(object.get(input, "resource", null))
 
 shape_reasons contains "resource has no dataset" if {
 	is_object(input.resource)
-	not is_string(input.resource.dataset)
+	not is_string(object.get(input.resource, "dataset", null))
 }
 
 shape_reasons contains "resource.dimensions must be a list of strings" if {
@@ -194,8 +205,10 @@ shape_reasons contains "resource.measures must be a list of {fn, field?} objects
 	measures := object.get(input, ["resource", "measures"], [])
 	is_array(measures)
 	some item in measures
-	not is_string(item.fn)
+	not names_a_function(item)
 }
+
+names_a_function(item) if is_string(item.fn)
 
 shape_reasons contains "resource.filters must map dimensions to lists of strings" if {
 	not is_object(object.get(input, ["resource", "filters"], {}))
@@ -222,16 +235,23 @@ query_reasons contains sprintf("aggregate function %v is not allowed", [item.fn]
 query_reasons contains sprintf("aggregate function %v needs a measure field", [item.fn]) if {
 	some item in query_measures
 	item.fn in field_functions
-	not is_string(item.field)
+	not is_string(object.get(item, "field", null))
 }
 
 query_reasons contains sprintf("dataset %v is not in the catalog", [input.resource.dataset]) if {
-	not is_object(data.gateway.catalog.datasets[input.resource.dataset])
+	not dataset_in_catalog
 }
+
+dataset_in_catalog if is_object(data.gateway.catalog.datasets[input.resource.dataset])
 
 # Fields of the dataset the query names, checked against the catalog in one pass.
 query_reasons contains msg if {
-	ds := data.gateway.catalog.datasets[input.resource.dataset]
+	dataset := data.gateway.catalog.datasets[input.resource.dataset]
+	is_object(dataset)
+	ds := {
+		"dimensions": object.get(dataset, "dimensions", []),
+		"measures": object.get(dataset, "measures", []),
+	}
 	name := input.resource.dataset
 	some msg in ((({sprintf("dimension %v is not a dimension of dataset %s", [d, name]) |
 		some d in requested_dimensions
@@ -254,13 +274,17 @@ query_reasons contains msg if {
 }
 
 query_reasons contains sprintf("purpose %v is not in the catalog", [input.purpose]) if {
-	not is_object(data.gateway.catalog.purposes[input.purpose])
+	not purpose_in_catalog
 }
+
+purpose_in_catalog if is_object(data.gateway.catalog.purposes[input.purpose])
 
 # "最小必须": the purpose caps every grant, even one that somehow lists more.
 query_reasons contains sprintf("field %v is not necessary for purpose %s", [f, input.purpose]) if {
-	purpose := data.gateway.catalog.purposes[input.purpose]
-	necessary := purpose.necessary_fields
+	# Guarded by a rule: the regorus VM (compiled mode) does not stop at an undefined
+	# `purpose := ...[input.purpose]` as OPA and the regorus interpreter do.
+	purpose_in_catalog
+	necessary := object.get(data.gateway.catalog.purposes[input.purpose], "necessary_fields", [])
 	some f in requested_fields
 	not f in necessary
 }
@@ -310,32 +334,39 @@ grant_gaps := {gid: gaps(g) | some gid, g in usable_grants}
 # Several grants may cover a query; the smallest id wins so the choice is stable.
 chosen_grant_id := min({gid | some gid, missing in grant_gaps; count(missing) == 0})
 
-gaps(g) := (((({sprintf("dimension %v is not granted", [d]) |
-	some d in requested_dimensions
-	not d in g.dimensions
-} | {sprintf("measure field %v is not granted", [f]) |
-	some f in measure_fields
-	not f in g.measures
-}) | {sprintf("field %v is not granted", [f]) |
-	# Only listed fields that no dimension, measure or filter here already explains.
-	some f in query_fields
-	not f in g.dimensions
-	not f in g.measures
-	not f in requested_dimensions
-	not f in measure_fields
-	not f in filter_keys
-}) | {sprintf("filter on %v is not granted", [k]) |
-	# Filtering on a dimension the grant itself restricts is fine even when the grant
-	# does not list it for grouping.
-	some k in filter_keys
-	not k in g.dimensions
-	not g.filters[k]
-}) | {sprintf("filter on %s must stay within the granted values", [k]) |
-	# A grant filter such as insu_admdvs: ["420100"] binds every query: the query must
-	# filter that dimension to a non-empty subset of the granted values.
-	some k, allowed in object.get(g, "filters", {})
-	not within(object.get(query_filters, k, []), allowed)
-})
+gaps(grant) := result if {
+	g := {
+		"dimensions": object.get(grant, "dimensions", []),
+		"measures": object.get(grant, "measures", []),
+		"filters": object.get(grant, "filters", {}),
+	}
+	result := ((({sprintf("dimension %v is not granted", [d]) |
+		some d in requested_dimensions
+		not d in g.dimensions
+	} | {sprintf("measure field %v is not granted", [f]) |
+		some f in measure_fields
+		not f in g.measures
+	}) | {sprintf("field %v is not granted", [f]) |
+		# Only listed fields that no dimension, measure or filter here already explains.
+		some f in query_fields
+		not f in g.dimensions
+		not f in g.measures
+		not f in requested_dimensions
+		not f in measure_fields
+		not f in filter_keys
+	}) | {sprintf("filter on %v is not granted", [k]) |
+		# Filtering on a dimension the grant itself restricts is fine even when the grant
+		# does not list it for grouping.
+		some k in filter_keys
+		not k in g.dimensions
+		not g.filters[k]
+	}) | {sprintf("filter on %s must stay within the granted values", [k]) |
+		# A grant filter such as insu_admdvs: ["420100"] binds every query: the query must
+		# filter that dimension to a non-empty subset of the granted values.
+		some k, allowed in g.filters
+		not within(object.get(query_filters, k, []), allowed)
+	}
+}
 
 within(values, allowed) if {
 	is_array(values)

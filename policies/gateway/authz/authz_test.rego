@@ -143,6 +143,7 @@ test_allows_a_query_the_grant_covers if {
 	result := decide(query)
 	allowed(result)
 	result.grant_id == "g-1"
+
 	# min_cell_size never below the floor (grant 3, floor 5); max_rows never above the cap.
 	result.obligations == {"min_cell_size": 5, "max_rows": 10000, "mask_fields": [], "noise": null}
 }
@@ -313,6 +314,7 @@ test_denies_a_purpose_outside_the_catalog if {
 
 test_denies_an_expired_grant if {
 	only_reason(decide(object.union(query, {"time_ns": t0 + (2 * day_ns)})), "grant g-1 has expired")
+
 	# valid_until_ns is exclusive, valid_from_ns inclusive.
 	only_reason(decide(object.union(query, {"time_ns": grant_g1.valid_until_ns})), "grant g-1 has expired")
 	allowed(decide(object.union(query, {"time_ns": grant_g1.valid_from_ns})))
@@ -486,4 +488,14 @@ test_reasons_are_sorted_and_unique if {
 	result.reasons == sort({r | some r in result.reasons})
 	count(result.reasons) == count({r | some r in result.reasons})
 	denied_for(result, "dimension med_type is not granted")
+}
+
+# A grant without its lists covers nothing. (Under `not`, OPA treats `d in undefined` as
+# undefined, not false: the policy reads the lists with defaults so both engines deny.)
+test_a_grant_without_dimensions_or_measures_covers_nothing if {
+	no_dimensions := object.remove(grant_g1, ["dimensions"])
+	result := decide_grants(query, {"g-1": no_dimensions})
+	denied_for(result, "dimension gend is not granted")
+	no_measures := object.remove(grant_g1, ["measures"])
+	only_reason(decide_grants(query, {"g-1": no_measures}), "measure field medfee_sumamt is not granted")
 }
