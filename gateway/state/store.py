@@ -1,4 +1,6 @@
-"""Durable state: registered clients, grants, spent client-assertion ids.
+"""Durable state: registered clients, grants, spent client-assertion ids, and (through
+:class:`gateway.state.consents.ConsentStatements`) consents, consumed consent and DPoP ``jti``
+and the consent key registry.
 
 The algorithm lives once in :class:`StateStore`; a backend supplies a DB-API connection and
 its parameter style. SQLite is the embedded default (WAL); PostgreSQL comes later through the
@@ -19,8 +21,21 @@ from pathlib import Path
 from typing import Any
 
 from gateway.errors import Conflict, NotFound, StoreUnavailable
+from gateway.state.consents import (
+    CONSENT_SCHEMA,
+    ConsentStatements,
+    StoredConsent,
+    StoredConsentKey,
+)
 
-__all__ = ["ClientRecord", "GrantRecord", "SqliteStateStore", "StateStore"]
+__all__ = [
+    "ClientRecord",
+    "GrantRecord",
+    "SqliteStateStore",
+    "StateStore",
+    "StoredConsent",
+    "StoredConsentKey",
+]
 
 _SCHEMA = (
     """CREATE TABLE IF NOT EXISTS clients (
@@ -50,6 +65,7 @@ _SCHEMA = (
     """CREATE TABLE IF NOT EXISTS state_versions (
         name TEXT PRIMARY KEY,
         version INTEGER NOT NULL)""",
+    *CONSENT_SCHEMA,
 )
 
 
@@ -76,7 +92,7 @@ class GrantRecord:
     created_at_ns: int
 
 
-class StateStore(ABC):
+class StateStore(ConsentStatements, ABC):
     """State operations over a DB-API connection; subclasses open it."""
 
     @abstractmethod

@@ -1,0 +1,482 @@
+"""The state store, one suite for every backend (STYLE.md item 6).
+
+Each test takes the ``backend`` fixture: a picklable :class:`BackendSpec` that :func:`open_store`
+turns into a fresh store object, so a test can open a second object on the same database (the
+view of another worker process) and spawned processes can open their own. Only SQLite exists
+now; a PostgreSQL backend adds a ``params`` entry and a branch in :func:`open_store`.
+"""
+
+from __future__ import annotations
+
+import functools
+import multiprocessing
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from gateway.consent import ConsentRecord, ConsentState, jwk_thumbprint, public_jwk
+from gateway.errors import Conflict, NotFound, ValidationFailed
+from gateway.state.consents import datetime_to_ns
+from gateway.state.store import ClientRecord, GrantRecord, SqliteStateStore, StateStore
+
+BACKENDS = ["sqlite"]
+T0 = datetime(2026, 3, 1, 8, 0, tzinfo=UTC)
+NS = 1_000_000_000
+T0_NS = datetime_to_ns(T0)
+THREADS = 16
+PROCESSES = 4
+
+
+@dataclass(frozen=True)
+class BackendSpec:
+    """Enough to open the same database again, in this process or a spawned one."""
+
+    kind: str
+    location: str
+
+
+def open_store(spec: BackendSpec) -> StateStore:
+    if spec.kind == "sqlite":
+        return SqliteStateStore(Path(spec.location))
+    raise AssertionError(f"unknown backend {spec.kind}")
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> BackendSpec:
+    kind = str(request.param)
+    if kind == "sqlite":
+        return BackendSpec(kind, str(tmp_path / "state.sqlite3"))
+    raise AssertionError(f"unknown backend {kind}")
+
+
+@pytest.fixture
+def store(backend: BackendSpec) -> StateStore:
+    return open_store(backend)
+
+
+def consent(consent_id: str = "consent-0001", *, subject: str = "psn:aaaa",
+            insurer: str = "ins-a", purpose: str = "claims_fast_track",
+            hours: int = 24) -> ConsentRecord:
+    single_use = purpose == "enrollment_check"
+    datatypes = (("enrollment.status",) if single_use
+                 else ("settlements.summary", "settlements.amounts"))
+    return ConsentRecord(
+        consent_id=consent_id,
+        subject=subject,
+        insurer_org=insurer,
+        purpose=purpose,
+        datatypes=datatypes,
+        period_start=date(2025, 1, 1),
+        period_end=date(2025, 12, 31),
+        valid_from=T0,
+        valid_until=T0 + timedelta(hours=hours),
+        created_by="t-admin",
+        created_at=T0 - timedelta(minutes=1),
+        single_use=single_use,
+    )
+
+
+def _race(calls: list[Callable[[], bool]]) -> list[bool]:
+    """Run every call at once from its own thread (released together by a barrier)."""
+    barrier = threading.Barrier(len(calls))
+    results: list[bool | BaseException] = [False] * len(calls)
+
+    def run(i: int) -> None:
+        barrier.wait()
+        try:
+            results[i] = calls[i]()
+        except BaseException as exc:  # re-raised below, in the test's thread
+            results[i] = exc
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(calls))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    for r in results:
+        if isinstance(r, BaseException):
+            raise r
+    return [bool(r) for r in results]
+
+
+# -- spawned workers (top level, so spawn can import them) --------------------------------------
+
+
+def _consume_in_process(spec: BackendSpec, barrier: Any, results: Any, jti: str) -> None:
+    own = open_store(spec)  # this process's own store object and connection
+    barrier.wait()
+    results.put(own.consume_consent_jti(jti, "consent-0001", T0_NS + 600 * NS, T0_NS))
+
+
+def _revoke_in_process(spec: BackendSpec, consent_id: str) -> None:
+    open_store(spec).revoke_consent(consent_id, "psn:aaaa", T0_NS + 5 * NS)
+
+
+# -- consents ---------------------------------------------------------------------------------
+
+
+def test_consent_round_trip(store: StateStore) -> None:
+    record = consent()
+    stored = store.add_consent(record)
+    got = store.get_consent(record.consent_id)
+    assert got == stored
+    assert got is not None
+    assert got.record == record
+    assert got.valid_from_ns == T0_NS
+    assert got.valid_until_ns == T0_NS + 24 * 3600 * NS
+    assert (got.revoked_at_ns, got.revoked_by) == (None, None)
+    assert store.version("consents") == 1
+
+
+def test_get_unknown_consent_is_none(store: StateStore) -> None:
+    assert store.get_consent("consent-none") is None
+
+
+def test_add_consent_twice_conflicts(store: StateStore) -> None:
+    store.add_consent(consent())
+    with pytest.raises(Conflict):
+        store.add_consent(consent(subject="psn:other"))
+    got = store.get_consent("consent-0001")
+    assert got is not None
+    assert got.record.subject == "psn:aaaa"
+    assert store.version("consents") == 1
+
+
+def test_add_consent_refuses_a_revoked_record(store: StateStore) -> None:
+    record = consent().model_copy(update={"state": ConsentState.REVOKED})
+    with pytest.raises(ValidationFailed):
+        store.add_consent(record)
+    assert store.get_consent("consent-0001") is None
+
+
+def test_revoke_consent_records_who_and_when(store: StateStore) -> None:
+    store.add_consent(consent())
+    revoked = store.revoke_consent("consent-0001", "psn:aaaa", T0_NS + 7)
+    assert revoked.record.state is ConsentState.REVOKED
+    assert (revoked.revoked_at_ns, revoked.revoked_by) == (T0_NS + 7, "psn:aaaa")
+    assert store.get_consent("consent-0001") == revoked
+    assert store.version("consents") == 2
+    assert not store.is_consent_live("consent-0001", T0_NS + 8)
+    assert revoked.state_at(T0_NS + 8) is ConsentState.REVOKED
+
+
+def test_revoke_twice_conflicts(store: StateStore) -> None:
+    store.add_consent(consent())
+    store.revoke_consent("consent-0001", "t-admin", T0_NS)
+    with pytest.raises(Conflict):
+        store.revoke_consent("consent-0001", "t-admin", T0_NS + 1)
+    got = store.get_consent("consent-0001")
+    assert got is not None
+    assert got.revoked_at_ns == T0_NS
+    assert store.version("consents") == 2
+
+
+def test_revoke_unknown_is_not_found(store: StateStore) -> None:
+    with pytest.raises(NotFound):
+        store.revoke_consent("consent-none", "t-admin", T0_NS)
+    assert store.version("consents") == 0
+
+
+def test_consent_is_live_only_inside_its_validity(store: StateStore) -> None:
+    stored = store.add_consent(consent(hours=1))
+    end = T0_NS + 3600 * NS
+    assert not store.is_consent_live("consent-0001", T0_NS - 1)
+    assert store.is_consent_live("consent-0001", T0_NS)
+    assert store.is_consent_live("consent-0001", end - 1)
+    assert not store.is_consent_live("consent-0001", end)
+    assert not store.is_consent_live("consent-none", T0_NS)
+    assert stored.state_at(end - 1) is ConsentState.ACTIVE
+    assert stored.state_at(end) is ConsentState.EXPIRED
+    assert [stored.live_at(t) for t in (T0_NS - 1, T0_NS, end)] == [False, True, False]
+
+
+def test_revocation_is_seen_by_another_store_on_its_next_call(backend: BackendSpec) -> None:
+    worker_a, worker_b = open_store(backend), open_store(backend)
+    worker_a.add_consent(consent())
+    now = T0_NS + 10 * NS
+    assert worker_b.is_consent_live("consent-0001", now)  # b's connection is open and warm
+    seen = worker_b.version("consents")
+    worker_a.revoke_consent("consent-0001", "psn:aaaa", now)
+    assert not worker_b.is_consent_live("consent-0001", now)
+    assert worker_b.version("consents") == seen + 1
+    got = worker_b.get_consent("consent-0001")
+    assert got is not None
+    assert got.record.state is ConsentState.REVOKED
+
+
+def test_revocation_in_another_process_is_seen_on_the_next_call(backend: BackendSpec) -> None:
+    here = open_store(backend)
+    here.add_consent(consent())
+    assert here.is_consent_live("consent-0001", T0_NS + 10 * NS)
+    ctx = multiprocessing.get_context("spawn")
+    proc = ctx.Process(target=_revoke_in_process, args=(backend, "consent-0001"))
+    proc.start()
+    proc.join(timeout=60)
+    assert proc.exitcode == 0
+    assert not here.is_consent_live("consent-0001", T0_NS + 10 * NS)
+
+
+def test_list_consents_filters(store: StateStore) -> None:
+    store.add_consent(consent("c-1", subject="psn:aaaa", insurer="ins-a"))
+    store.add_consent(consent("c-2", subject="psn:aaaa", insurer="ins-b", hours=1))
+    store.add_consent(consent("c-3", subject="psn:bbbb", insurer="ins-a"))
+    store.add_consent(consent("c-4", subject="psn:aaaa", insurer="ins-a",
+                              purpose="enrollment_check"))
+    store.revoke_consent("c-4", "psn:aaaa", T0_NS + 1)
+
+    def ids(**kwargs: Any) -> list[str]:
+        return [c.consent_id for c in store.list_consents(**kwargs)]
+
+    assert ids() == ["c-1", "c-2", "c-3", "c-4"]
+    assert ids(subject="psn:aaaa") == ["c-1", "c-2", "c-4"]
+    assert ids(insurer="ins-a") == ["c-1", "c-3", "c-4"]
+    assert ids(subject="psn:aaaa", insurer="ins-a") == ["c-1", "c-4"]
+    later = T0_NS + 2 * 3600 * NS
+    assert ids(subject="psn:aaaa", live_only=True, now_ns=T0_NS + 2) == ["c-1", "c-2"]
+    assert ids(subject="psn:aaaa", live_only=True, now_ns=later) == ["c-1"]
+    assert ids(insurer="ins-a", live_only=True, now_ns=later) == ["c-1", "c-3"]
+    assert ids(live_only=True, now_ns=T0_NS - 1) == []
+    assert ids(subject="psn:nobody") == []
+    with pytest.raises(ValidationFailed):
+        store.list_consents(live_only=True)
+
+
+# -- single-use consents by jti ---------------------------------------------------------------
+
+
+def test_consume_consent_jti_once(store: StateStore) -> None:
+    expires = T0_NS + 600 * NS
+    assert store.consume_consent_jti("jti-1", "consent-0001", expires, T0_NS)
+    assert not store.consume_consent_jti("jti-1", "consent-0001", expires, T0_NS + 1)
+    assert not store.consume_consent_jti("jti-1", "consent-0002", expires, T0_NS + 1)
+    assert store.consume_consent_jti("jti-2", "consent-0001", expires, T0_NS + 1)
+
+
+def test_consume_consent_jti_from_16_threads_one_wins(store: StateStore) -> None:
+    expires = T0_NS + 600 * NS
+    results = _race([
+        lambda: store.consume_consent_jti("jti-race", "consent-0001", expires, T0_NS)
+    ] * THREADS)
+    assert results.count(True) == 1
+
+
+def test_consume_consent_jti_from_16_threads_with_own_stores_one_wins(
+    backend: BackendSpec,
+) -> None:
+    stores = [open_store(backend) for _ in range(THREADS)]
+    expires = T0_NS + 600 * NS
+    results = _race([
+        functools.partial(s.consume_consent_jti, "jti-race", "consent-0001", expires, T0_NS)
+        for s in stores
+    ])
+    assert results.count(True) == 1
+
+
+def test_consume_consent_jti_from_4_processes_one_wins(backend: BackendSpec) -> None:
+    open_store(backend)  # the schema exists before the race
+    ctx = multiprocessing.get_context("spawn")
+    barrier = ctx.Barrier(PROCESSES)
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_consume_in_process, args=(backend, barrier, results, "jti-p"))
+             for _ in range(PROCESSES)]
+    for p in procs:
+        p.start()
+    outcomes = [results.get(timeout=60) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    assert outcomes.count(True) == 1
+    assert outcomes.count(False) == PROCESSES - 1
+
+
+def _rows(store: StateStore, table: str) -> int:
+    statements = {
+        "consumed_consent_jti": "SELECT COUNT(*) FROM consumed_consent_jti",
+        "dpop_jti": "SELECT COUNT(*) FROM dpop_jti",
+    }
+    with store._tx() as cur:
+        cur.execute(statements[table])
+        return int(cur.fetchone()[0])
+
+
+def test_consumed_consent_jti_is_purged_and_reusable_only_after_expiry(
+    store: StateStore,
+) -> None:
+    expires = T0_NS + 600 * NS
+    assert store.consume_consent_jti("jti-1", "consent-0001", expires, T0_NS)
+    assert not store.consume_consent_jti("jti-1", "consent-0001", expires, expires - 1)
+    assert not store.consume_consent_jti("jti-1", "consent-0001", expires, expires)
+    # Another jti consumed after the expiry purges the first.
+    assert store.consume_consent_jti("jti-2", "consent-0001", expires + NS, expires + 1)
+    assert _rows(store, "consumed_consent_jti") == 1
+    assert store.consume_consent_jti("jti-1", "consent-0001", expires + NS, expires + 1)
+
+
+def test_consume_consent_jti_refuses_empty_ids(store: StateStore) -> None:
+    with pytest.raises(ValidationFailed):
+        store.consume_consent_jti("", "consent-0001", T0_NS, T0_NS)
+
+
+# -- DPoP proofs by jti -----------------------------------------------------------------------
+
+
+def test_dpop_jti_replay_is_refused(store: StateStore) -> None:
+    expires = T0_NS + 65 * NS
+    assert store.spend_dpop_jti("t-insurer", "proof-1", expires, T0_NS)
+    assert not store.spend_dpop_jti("t-insurer", "proof-1", expires, T0_NS + NS)
+    # The same jti from another client is that client's own proof.
+    assert store.spend_dpop_jti("t-insurer-b", "proof-1", expires, T0_NS + NS)
+    # Nor does it collide with a consent jti or a client-assertion jti of the same value.
+    assert store.consume_consent_jti("proof-1", "consent-0001", expires, T0_NS)
+    assert store.spend_jti("proof-1", "t-insurer", expires, T0_NS)
+
+
+def test_dpop_jti_is_purged_and_reusable_only_after_expiry(store: StateStore) -> None:
+    expires = T0_NS + 65 * NS
+    assert store.spend_dpop_jti("t-insurer", "proof-1", expires, T0_NS)
+    assert not store.spend_dpop_jti("t-insurer", "proof-1", expires, expires)
+    assert store.spend_dpop_jti("t-insurer", "proof-2", expires + NS, expires + 1)
+    assert _rows(store, "dpop_jti") == 1
+    assert store.spend_dpop_jti("t-insurer", "proof-1", expires + NS, expires + 1)
+
+
+def test_dpop_jti_from_16_threads_one_wins(store: StateStore) -> None:
+    expires = T0_NS + 65 * NS
+    results = _race([
+        lambda: store.spend_dpop_jti("t-insurer", "proof-race", expires, T0_NS)
+    ] * THREADS)
+    assert results.count(True) == 1
+
+
+# -- consent keys -----------------------------------------------------------------------------
+
+
+def _jwk(seed: int) -> tuple[str, dict[str, str]]:
+    jwk = public_jwk(Ed25519PrivateKey.from_private_bytes(bytes([seed]) * 32).public_key())
+    return jwk_thumbprint(jwk), jwk
+
+
+def test_consent_key_moves_forward_and_is_listed(store: StateStore) -> None:
+    kid, jwk = _jwk(1)
+    ref = "file:/etc/gateway/consent-keys/k1.pem"
+    assert store.save_consent_key(kid, "pending", jwk, private_key_ref=ref, now_ns=1) is None
+    assert store.save_consent_key(kid, "active", jwk, now_ns=2) == "pending"
+    assert store.save_consent_key(kid, "retired", jwk, now_ns=3) == "active"
+    keys = store.consent_keys()
+    assert len(keys) == 1
+    key = keys[0]
+    assert (key.kid, key.state, key.public_jwk, key.private_key_ref) == (kid, "retired", jwk, ref)
+    assert (key.created_at_ns, key.updated_at_ns) == (1, 3)
+    assert store.version("consent_keys") == 3
+
+
+def test_consent_key_never_moves_back(store: StateStore) -> None:
+    kid, jwk = _jwk(2)
+    store.save_consent_key(kid, "active", jwk, now_ns=1)
+    store.save_consent_key(kid, "retired", jwk, now_ns=2)
+    for state in ("pending", "active"):
+        with pytest.raises(Conflict):
+            store.save_consent_key(kid, state, jwk, now_ns=3)
+    assert store.consent_keys()[0].state == "retired"
+
+
+def test_resaving_a_key_state_changes_nothing(store: StateStore) -> None:
+    kid, jwk = _jwk(3)
+    store.save_consent_key(kid, "pending", jwk, now_ns=1)
+    assert store.save_consent_key(kid, "pending", jwk, now_ns=2) == "pending"
+    assert store.version("consent_keys") == 1
+    assert store.consent_keys()[0].updated_at_ns == 1
+
+
+def test_consent_keys_are_listed_oldest_first(store: StateStore) -> None:
+    (kid_a, jwk_a), (kid_b, jwk_b) = _jwk(4), _jwk(5)
+    store.save_consent_key(kid_b, "pending", jwk_b, now_ns=10)
+    store.save_consent_key(kid_a, "active", jwk_a, now_ns=20)
+    assert [k.kid for k in store.consent_keys()] == [kid_b, kid_a]
+
+
+@pytest.mark.parametrize(
+    ("change", "ref"),
+    [
+        pytest.param({"d": "AAAA"}, None, id="private-member-d"),
+        pytest.param({"x": "11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo"}, None,
+                     id="kid-not-thumbprint"),
+        pytest.param({"kty": "RSA"}, None, id="not-okp-or-ec"),
+        pytest.param({}, "-----BEGIN PRIVATE KEY-----\nMC4CAQAw\n-----END PRIVATE KEY-----",
+                     id="pem-as-reference"),
+        pytest.param({}, "", id="empty-reference"),
+    ],
+)
+def test_consent_key_refusals(store: StateStore, change: dict[str, str], ref: str | None) -> None:
+    kid, jwk = _jwk(6)
+    with pytest.raises(ValidationFailed):
+        store.save_consent_key(kid, "pending", {**jwk, **change}, private_key_ref=ref, now_ns=1)
+    assert store.consent_keys() == []
+    assert store.version("consent_keys") == 0
+
+
+def test_consent_key_state_must_be_known(store: StateStore) -> None:
+    kid, jwk = _jwk(7)
+    with pytest.raises(ValidationFailed):
+        store.save_consent_key(kid, "compromised", jwk, now_ns=1)  # type: ignore[arg-type]
+
+
+# -- the behaviours that were there before ----------------------------------------------------
+
+
+def test_clients_round_trip(store: StateStore) -> None:
+    client = ClientRecord("t-insurer", "insurer", "ins-a", "PEM", "EdDSA")
+    store.add_client(client)
+    assert store.get_client("t-insurer") == client
+    assert store.get_client("t-none") is None
+    with pytest.raises(Conflict):
+        store.add_client(client)
+
+
+def test_spend_jti_refuses_replay_until_expiry(store: StateStore) -> None:
+    assert store.spend_jti("a-1", "t-insurer", 100, 0)
+    assert not store.spend_jti("a-1", "t-insurer", 100, 50)
+    assert store.spend_jti("a-1", "t-other", 100, 50)
+    assert not store.spend_jti("a-1", "t-insurer", 100, 100)
+    assert store.spend_jti("a-1", "t-insurer", 300, 101)
+
+
+def test_grants_round_trip_revoke_and_versions(store: StateStore) -> None:
+    grant = GrantRecord("g-1", "ins-a", "hmb_pricing", {"datasets": ["settlements"]},
+                        0, 10, None, "t-admin", 1)
+    store.add_grant(grant)
+    store.add_grant(GrantRecord("g-2", "ins-b", "hmb_pricing", {}, 0, 10, None, "t-admin", 2))
+    with pytest.raises(Conflict):
+        store.add_grant(grant)
+    assert store.get_grant("g-1") == grant
+    assert [g.grant_id for g in store.list_grants()] == ["g-1", "g-2"]
+    assert [g.grant_id for g in store.list_grants("ins-b")] == ["g-2"]
+    assert store.version("grants") == 2
+    revoked = store.revoke_grant("g-1", 5)
+    assert revoked.revoked_at_ns == 5
+    assert store.version("grants") == 3
+    with pytest.raises(Conflict):
+        store.revoke_grant("g-1", 6)
+    with pytest.raises(NotFound):
+        store.revoke_grant("g-none", 6)
+    assert store.version("consents") == 0  # counters are independent
+
+
+def test_reopening_keeps_everything(backend: BackendSpec) -> None:
+    first = open_store(backend)
+    first.add_consent(consent())
+    first.add_grant(GrantRecord("g-1", "ins-a", "hmb_pricing", {}, 0, 10, None, "t-admin", 1))
+    again = open_store(backend)  # the schema statements run again, harmlessly
+    assert again.get_consent("consent-0001") is not None
+    assert again.get_grant("g-1") is not None
+    assert again.version("consents") == 1
+
+
+def test_sqlite_store_is_ready(tmp_path: Path) -> None:
+    assert SqliteStateStore(tmp_path / "s.sqlite3").ready()
