@@ -37,10 +37,21 @@ import numpy as np
 
 from gateway.disclosure.lp import FeasibleRegion
 
-__all__ = ["Protection", "Table", "complementary_suppression", "feasible_interval"]
+__all__ = [
+    "MAX_EXACT_CELLS",
+    "Protection",
+    "Table",
+    "complementary_suppression",
+    "feasible_interval",
+]
 
 _REL_TOL = 1e-7
 _MAX_TRIALS = 64
+
+
+# Above this many cells the exact interval check is too slow for a request (its linear
+# programs grow with the table); callers then get the line rule only.
+MAX_EXACT_CELLS = 300
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from gateway.audit import AuditEntry, AuditLog, utc_timestamp
 from gateway.auth.tokens import AccessTokenIssuer, Principal
 from gateway.catalog import Catalog
+from gateway.disclosure.complementary import MAX_EXACT_CELLS
 from gateway.disclosure.suppression import disclose
 from gateway.errors import (
     GatewayError,
@@ -78,11 +79,6 @@ class _RateLimiter:
                 return False
             bucket.tokens -= 1.0
             return True
-
-
-# Above this many cells the exact interval check of complementary suppression is too slow
-# for a request (its LPs grow with the table); the line rule still runs.
-_MAX_EXACT_CELLS = 300
 
 
 def _digest(data: bytes) -> str:
@@ -355,7 +351,7 @@ class Gateway:
                 compiled.dimensions, compiled.measures, raw_rows,
                 min_cell_size=decision.obligations.min_cell_size,
                 max_rows=decision.obligations.max_rows,
-                secondary=True, max_exact_cells=_MAX_EXACT_CELLS,
+                secondary=True, max_exact_cells=MAX_EXACT_CELLS,
             )
             result = shape(result, having=query.having, order_by=query.order_by,
                            limit=query.limit, column_of=compiled.column_of,

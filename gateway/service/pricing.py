@@ -18,7 +18,7 @@ from sqlglot import exp
 
 from gateway.auth.tokens import Principal
 from gateway.catalog import Dataset, FieldType
-from gateway.disclosure.complementary import Table, complementary_suppression
+from gateway.disclosure.complementary import MAX_EXACT_CELLS, Table, complementary_suppression
 from gateway.disclosure.rules import CellContribution, magnitude_sensitivity
 from gateway.errors import GatewayError, PolicyDenied, PolicyEngineError, QueryRejected, RateLimited
 from gateway.pricing import (
@@ -46,10 +46,6 @@ _PERSON = "_psn"
 _RATIO_CHECKS = frozenset({"ratio_in_list", "ratio_out_of_list", "loss_ratio"})
 
 IntArray = np.ndarray[Any, np.dtype[np.int64]]
-
-
-# As for aggregate results: above this many cells only the line rule runs.
-_MAX_EXACT_CELLS = 300
 
 
 def _money(value: float | None) -> float | None:
@@ -201,10 +197,10 @@ def _protect_complements(
     if all_hidden:
         extra_all = complementary_suppression(
             table, all_hidden, [exposures], min_cell_size=min_cell_size,
-            max_exact_cells=_MAX_EXACT_CELLS).secondary
+            max_exact_cells=MAX_EXACT_CELLS).secondary
     extra_pay = complementary_suppression(
         table, pay_hidden, [totals], min_cell_size=min_cell_size,
-        also_suppressed=extra_all, max_exact_cells=_MAX_EXACT_CELLS).secondary
+        also_suppressed=extra_all, max_exact_cells=MAX_EXACT_CELLS).secondary
     payout_figures = ["pure_premium", "mean_payout_per_claimant", "total_payout",
                       "implied_premium", "expected_loss_ratio"]
     for i in sorted(extra_all | extra_pay):
