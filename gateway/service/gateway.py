@@ -33,7 +33,7 @@ from gateway.errors import (
     RateLimited,
     StoreUnavailable,
 )
-from gateway.policy import Decision, PolicyEngine
+from gateway.policy import Decision, Obligations, PolicyEngine
 from gateway.query.compiler import CompiledQuery, compile_aggregate
 from gateway.query.shaping import shape
 from gateway.query.spec import AggregateQuery
@@ -281,7 +281,35 @@ class Gateway:
             response_hash=_digest(orjson.dumps(body)))
         return Audited(body, audit_id)
 
-    # -- aggregate queries ---------------------------------------------------------------
+    # -- queries -------------------------------------------------------------------------
+    def authorize_query(
+        self, principal: Principal, action: str, purpose: str, resource: dict[str, Any],
+        common: dict[str, Any],
+    ) -> Obligations:
+        """One policy decision for a data query, then the grant's rate limit. Every refusal
+        (engine down, deny, rate) is audited under ``action`` with ``common`` members; on
+        success ``common`` gains the policy version and grant id for the final entry."""
+        try:
+            decision = self._decide(principal, "query.aggregate", purpose, resource)
+        except PolicyEngineError as exc:
+            self.record(principal, action, status=exc.status, decision="error",
+                        error_code=exc.code, reasons=["policy engine unavailable"], **common)
+            raise
+        common["policy_version"] = decision.policy_version
+        if not decision.allow or decision.obligations is None:
+            audit_id = self.record(principal, action, status=403, decision="deny",
+                                   error_code=PolicyDenied.code,
+                                   reasons=list(decision.reasons), **common)
+            raise PolicyDenied(decision.reasons, audit_id=audit_id)
+        common["grant_id"] = decision.grant_id
+        limit = self._grant_limits.get(decision.grant_id or "", 600)
+        if not self._limiter.take(decision.grant_id or principal.client_id, limit, self.clock()):
+            self.record(principal, action, status=429, decision="deny",
+                        error_code=RateLimited.code,
+                        reasons=[f"rate limit of {limit} requests per minute"], **common)
+            raise RateLimited(f"rate limit of {limit} requests per minute exceeded")
+        return decision.obligations
+
     def _compile(self, query: AggregateQuery) -> CompiledQuery:
         """Compilation is pure, so repeated questions reuse their SQL (bounded cache)."""
         key = query.model_dump_json()
@@ -324,33 +352,15 @@ class Gateway:
             "purpose": query.purpose, "request": request_json, "fields": fields,
             "field_justifications": justifications,
         }
-        try:
-            decision = self._decide(principal, "query.aggregate", query.purpose,
-                                    query.policy_resource())
-        except PolicyEngineError as exc:
-            self.record(principal, action, status=exc.status, decision="error",
-                        error_code=exc.code, reasons=["policy engine unavailable"], **common)
-            raise
-        common["policy_version"] = decision.policy_version
-        if not decision.allow or decision.obligations is None:
-            audit_id = self.record(principal, action, status=403, decision="deny",
-                                   error_code=PolicyDenied.code,
-                                   reasons=list(decision.reasons), **common)
-            raise PolicyDenied(decision.reasons, audit_id=audit_id)
-        common["grant_id"] = decision.grant_id
-        limit = self._grant_limits.get(decision.grant_id or "", 600)
-        if not self._limiter.take(decision.grant_id or principal.client_id, limit, self.clock()):
-            self.record(principal, action, status=429, decision="deny",
-                        error_code=RateLimited.code,
-                        reasons=[f"rate limit of {limit} requests per minute"], **common)
-            raise RateLimited(f"rate limit of {limit} requests per minute exceeded")
+        obligations = self.authorize_query(
+            principal, action, query.purpose, query.policy_resource(), common)
         try:
             compiled = self._compile(query)
             _, raw_rows, data_version = self.store.fetch(compiled.sql)
             result = disclose(
                 compiled.dimensions, compiled.measures, raw_rows,
-                min_cell_size=decision.obligations.min_cell_size,
-                max_rows=decision.obligations.max_rows,
+                min_cell_size=obligations.min_cell_size,
+                max_rows=obligations.max_rows,
                 secondary=True, max_exact_cells=MAX_EXACT_CELLS,
             )
             result = shape(result, having=query.having, order_by=query.order_by,
@@ -365,7 +375,7 @@ class Gateway:
             "rows": result.rows,
             "suppressed": [c.to_json() for c in result.suppressed],
             "suppressed_count": len(result.suppressed),
-            "min_cell_size": decision.obligations.min_cell_size,
+            "min_cell_size": obligations.min_cell_size,
             "data_version": data_version,
             "notes": result.notes,
         }

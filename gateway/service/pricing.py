@@ -20,7 +20,7 @@ from gateway.auth.tokens import Principal
 from gateway.catalog import Dataset, FieldType
 from gateway.disclosure.complementary import MAX_EXACT_CELLS, Table, complementary_suppression
 from gateway.disclosure.rules import CellContribution, magnitude_sensitivity
-from gateway.errors import GatewayError, PolicyDenied, PolicyEngineError, QueryRejected, RateLimited
+from gateway.errors import GatewayError, QueryRejected
 from gateway.pricing import (
     CellSummary,
     LimitCheck,
@@ -264,27 +264,9 @@ def simulate(gateway: Gateway, principal: Principal, request: PricingRequest) ->
         "filters": filters,
         "fields": fields,
     }
-    try:
-        decision = gateway._decide(principal, "query.aggregate", request.purpose, resource)
-    except PolicyEngineError as exc:
-        gateway.record(principal, ACTION, status=exc.status, decision="error",
-                       error_code=exc.code, reasons=["policy engine unavailable"], **common)
-        raise
-    common["policy_version"] = decision.policy_version
-    if not decision.allow or decision.obligations is None:
-        audit_id = gateway.record(principal, ACTION, status=403, decision="deny",
-                                  error_code=PolicyDenied.code,
-                                  reasons=list(decision.reasons), **common)
-        raise PolicyDenied(decision.reasons, audit_id=audit_id)
-    common["grant_id"] = decision.grant_id
-    limit = gateway._grant_limits.get(decision.grant_id or "", 600)
-    if not gateway._limiter.take(decision.grant_id or principal.client_id, limit,
-                                 gateway.clock()):
-        gateway.record(principal, ACTION, status=429, decision="deny",
-                       error_code=RateLimited.code,
-                       reasons=[f"rate limit of {limit} requests per minute"], **common)
-        raise RateLimited(f"rate limit of {limit} requests per minute exceeded")
-    min_cell_size = decision.obligations.min_cell_size
+    obligations = gateway.authorize_query(principal, ACTION, request.purpose, resource,
+                                             common)
+    min_cell_size = obligations.min_cell_size
     points = request.points()
     try:
         dataset = gateway.catalog.datasets.get(DATASET)
@@ -296,9 +278,9 @@ def simulate(gateway: Gateway, principal: Principal, request: PricingRequest) ->
         columns = list(zip(*rows, strict=True)) if rows else [()] * (n_dims + 1 +
                                                                      len(BENEFIT_FIELDS))
         runs = _cells(columns[:n_dims], len(rows))
-        if len(runs) > decision.obligations.max_rows:
+        if len(runs) > obligations.max_rows:
             raise QueryRejected(
-                f"{len(runs)} cells exceed the grant's {decision.obligations.max_rows}")
+                f"{len(runs)} cells exceed the grant's {obligations.max_rows}")
         persons: IntArray = np.asarray(columns[n_dims], dtype=np.int64)
         values = {f: np.asarray(columns[n_dims + 1 + i], dtype=np.float64)
                   for i, f in enumerate(BENEFIT_FIELDS)}
