@@ -47,6 +47,17 @@ class Settings(BaseSettings):
         return self.keys_dir / "ingest-pseudonym.key"
 
     @property
+    def consent_key_path(self) -> Path:
+        """Ed25519 key that signs consent tokens (``consent+jwt``); its public JWK is in the
+        state store's consent key registry and at ``/.well-known/jwks.json``."""
+        return self.keys_dir / "consent-signing.pem"
+
+    @property
+    def consent_pairwise_key_path(self) -> Path:
+        """32-byte HMAC key of the pairwise subjects (``sub``) of consent tokens."""
+        return self.keys_dir / "consent-pairwise.key"
+
+    @property
     def store_dir(self) -> Path:
         return self.workdir / "store"
 

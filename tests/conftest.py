@@ -119,6 +119,7 @@ def make_env(tmp_path: Path, store_dir: Path, signing_key_file: Path,
     workdir = tmp_path / "gw"
     (workdir / "keys").mkdir(parents=True)
     shutil.copy(signing_key_file, workdir / "keys" / "gateway-signing.pem")
+    load_or_create_private_key(workdir / "keys" / "consent-signing.pem", "EdDSA")
     (workdir / "store").symlink_to(store_dir)
     settings = Settings(workdir=workdir, base_url=BASE_URL)
     credentials: dict[str, dict[str, Any]] = {}

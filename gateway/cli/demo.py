@@ -62,6 +62,8 @@ def prepare_demo(*, persons: int, seed: int, port: int, workdir: Path) -> dict[s
     workdir.mkdir(parents=True, exist_ok=True)
     load_or_create_private_key(settings.signing_key_path, "EdDSA")
     key = load_or_create_key(settings.pseudonym_key_path)
+    load_or_create_private_key(settings.consent_key_path, "EdDSA")
+    load_or_create_key(settings.consent_pairwise_key_path)
 
     raw = workdir / "raw"
     marker = raw / "city.json"

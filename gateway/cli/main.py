@@ -45,13 +45,16 @@ def _print_json(obj: Any) -> None:
 
 @app.command()
 def init(workdir: Workdir = _DEFAULT_WORKDIR) -> None:
-    """Create the gateway signing key and the ingest pseudonym key (if absent)."""
+    """Create the gateway signing key, the ingest pseudonym key and the consent keys (if
+    absent)."""
     from gateway.auth.keys import load_or_create_private_key
     from gateway.ingest.pseudonym import load_or_create_key
 
     settings = _settings(workdir)
     load_or_create_private_key(settings.signing_key_path, "EdDSA")
     load_or_create_key(settings.pseudonym_key_path)
+    load_or_create_private_key(settings.consent_key_path, "EdDSA")
+    load_or_create_key(settings.consent_pairwise_key_path)
     typer.echo(f"keys ready under {settings.keys_dir}")
 
 

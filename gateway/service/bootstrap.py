@@ -9,6 +9,7 @@ from gateway.catalog import default_catalog, load_catalog
 from gateway.errors import ValidationFailed
 from gateway.policy import build_engine
 from gateway.query.store import QueryStore, StoreLayout
+from gateway.service.consents import load_consent_config
 from gateway.service.gateway import Gateway
 from gateway.settings import Settings
 from gateway.state.store import SqliteStateStore
@@ -43,6 +44,10 @@ def build_gateway(settings: Settings) -> Gateway:
         state=state,
         ttl_s=settings.token_ttl_s,
     )
+    consent = load_consent_config(
+        settings.consent_key_path, settings.consent_pairwise_key_path,
+        issuer=settings.base_url.rstrip("/"), state=state,
+    )
     return Gateway(catalog=catalog, state=state, policy=policy, store=store, audit=audit,
                    tokens=tokens, checkpoint_key=signing_key,
-                   audit_origin=settings.audit_origin)
+                   audit_origin=settings.audit_origin, consent=consent)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import secrets
 import threading
 import time
 from collections.abc import Callable
@@ -17,21 +18,34 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+import jwt
 import orjson
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from pydantic import ValidationError as PydanticValidationError
 
 from gateway.audit import AuditEntry, AuditLog, utc_timestamp
 from gateway.auth.tokens import AccessTokenIssuer, Principal
 from gateway.catalog import Catalog
+from gateway.consent import (
+    PURPOSES,
+    ConsentRecord,
+    issue_consent_token,
+    pairwise_sub,
+    verify_consent_token,
+    verify_dpop_proof,
+)
 from gateway.disclosure.complementary import MAX_EXACT_CELLS
 from gateway.disclosure.suppression import disclose
 from gateway.errors import (
+    AuthenticationFailed,
     GatewayError,
+    NotFound,
     PolicyDenied,
     PolicyEngineError,
     QueryRejected,
     RateLimited,
     StoreUnavailable,
+    ValidationFailed,
 )
 from gateway.policy import Decision, Obligations, PolicyEngine
 from gateway.query.compiler import CompiledQuery, compile_aggregate
@@ -39,6 +53,19 @@ from gateway.query.shaping import shape
 from gateway.query.spec import AggregateQuery
 from gateway.query.sql import parse_sql
 from gateway.query.store import QueryStore
+from gateway.service.consents import (
+    CHINA_TZ,
+    ENROLLMENT_ACTION,
+    ENROLLMENT_DATATYPES,
+    ENROLLMENT_PURPOSE,
+    MAX_TOKEN_LIFETIME,
+    ConsentConfig,
+    ConsentRequest,
+    consent_refused,
+    enrollment_answer,
+    person_from_subject,
+    subject_from_person,
+)
 from gateway.service.grants import GrantRequest, grant_to_json, new_grant_record, policy_data
 from gateway.state.store import StateStore
 
@@ -101,6 +128,7 @@ class Gateway:
         tokens: AccessTokenIssuer,
         checkpoint_key: Ed25519PrivateKey,
         audit_origin: str,
+        consent: ConsentConfig | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.catalog = catalog
@@ -111,6 +139,7 @@ class Gateway:
         self.tokens = tokens
         self.checkpoint_key = checkpoint_key
         self.audit_origin = audit_origin
+        self.consent = consent
         self.clock = clock
         self._limiter = _RateLimiter()
         self._policy_data_version = -1
@@ -457,3 +486,171 @@ class Gateway:
 
         return self._audit_read(principal, "audit.proof.consistency",
                                 {"first": first, "second": second}, build)
+
+    # -- individual consent (docs/consent.md) ------------------------------------------
+    def _consent_config(self) -> ConsentConfig:
+        if self.consent is None:
+            raise StoreUnavailable("consent keys are not configured (run `gateway init`)")
+        return self.consent
+
+    def jwks(self) -> dict[str, Any]:
+        """The public consent keys, pending and active (``/.well-known/jwks.json``)."""
+        if self.consent is None:
+            return {"keys": []}
+        return self.consent.key_set.publish_jwks()
+
+    def create_consent(self, principal: Principal, request: ConsentRequest) -> Audited:
+        """Record a person's consent (an admin on the person's behalf) and issue its token,
+        bound to the insurer's DPoP key; ``client_id`` of the token is the insurer's org."""
+        decision = self.authorize(principal, "consents.manage")
+        members: dict[str, Any] = {"purpose": request.purpose,
+                                   "request": request.audit_request(),
+                                   "policy_version": decision.policy_version}
+        try:
+            config = self._consent_config()
+            subject = subject_from_person(request.subject)
+            members["subject_pseudonym"] = pairwise_sub(config.pairwise_key, subject,
+                                                        request.insurer)
+            psn_id = person_from_subject(subject)
+            _, rows, _ = self.store.fetch(_PERSON_EXISTS_SQL, [psn_id])
+            if not rows:
+                raise NotFound("no person with this psn_id")
+            now = self.clock()
+            # Whole seconds: a microsecond rounded up would start the consent after `now`.
+            now_dt = datetime.fromtimestamp(int(now), tz=UTC)
+            rule = PURPOSES.get(request.purpose)
+            try:
+                record = ConsentRecord(
+                    consent_id="cst-" + secrets.token_hex(12),
+                    subject=subject,
+                    insurer_org=request.insurer,
+                    purpose=request.purpose,
+                    datatypes=request.datatypes,
+                    period_start=request.period.start,
+                    period_end=request.period.end,
+                    valid_from=now_dt,
+                    valid_until=request.valid_until,
+                    created_by=principal.client_id,
+                    created_at=now_dt,
+                    single_use=rule.single_use if rule is not None else False,
+                )
+            except PydanticValidationError as exc:
+                raise ValidationFailed(
+                    "invalid consent: " + "; ".join(str(e["msg"]) for e in exc.errors()[:5])
+                ) from exc
+            members["consent_id"] = record.consent_id
+            token = issue_consent_token(
+                record, key_set=config.key_set, issuer=config.issuer, audience=config.issuer,
+                client_id=record.insurer_org, cnf_jkt=request.dpop_jkt, now=now,
+                max_lifetime=MAX_TOKEN_LIFETIME, pairwise_key=config.pairwise_key,
+            )
+            exp = int(jwt.decode(token, options={"verify_signature": False})["exp"])
+            self.state.add_consent(record)
+        except GatewayError as exc:
+            self.record(principal, "consents.create", status=exc.status,
+                        decision="error" if exc.status >= 500 else "deny",
+                        error_code=exc.code, reasons=[exc.message], **members)
+            raise
+        body = {
+            "consent_id": record.consent_id,
+            "token": token,
+            "token_type": "consent+jwt",
+            "expires_at": utc_timestamp(datetime.fromtimestamp(exp, tz=UTC)),
+            "valid_until": utc_timestamp(record.valid_until.astimezone(UTC)),
+        }
+        audit_id = self.record(principal, "consents.create", status=201, decision="allow",
+                               response_hash=_digest(orjson.dumps(body)), **members)
+        return Audited(body, audit_id)
+
+    def revoke_consent(self, principal: Principal, consent_id: str) -> Audited:
+        """Revoke a consent; it holds from the next request in every worker process."""
+        decision = self.authorize(principal, "consents.manage")
+        members: dict[str, Any] = {"consent_id": consent_id,
+                                   "policy_version": decision.policy_version}
+        try:
+            config = self._consent_config()
+            stored = self.state.revoke_consent(consent_id, principal.client_id,
+                                               int(self.clock() * 1e9))
+            members["purpose"] = stored.record.purpose
+            members["subject_pseudonym"] = pairwise_sub(
+                config.pairwise_key, stored.record.subject, stored.record.insurer_org)
+        except GatewayError as exc:
+            self.record(principal, "consents.revoke", status=exc.status,
+                        decision="error" if exc.status >= 500 else "deny",
+                        error_code=exc.code, reasons=[exc.message], **members)
+            raise
+        revoked_at = stored.revoked_at_ns or 0
+        body = {"consent_id": consent_id, "state": "revoked",
+                "revoked_at": utc_timestamp(datetime.fromtimestamp(revoked_at / 1e9, tz=UTC))}
+        audit_id = self.record(principal, "consents.revoke", status=200, decision="allow",
+                               response_hash=_digest(orjson.dumps(body)), **members)
+        return Audited(body, audit_id)
+
+    def enrollment_check(self, principal: Principal, *, access_token: str,
+                         consent_token: str | None, dpop_proof: str | None,
+                         htu: str) -> Audited:
+        """投保身份校验: enrolled or not, 险种 and 参保地, under a single-use consent token
+        presented with a DPoP proof. Exactly one audit entry, allowed or refused."""
+        members: dict[str, Any] = {"purpose": ENROLLMENT_PURPOSE,
+                                   "fields": list(ENROLLMENT_DATATYPES)}
+        try:
+            config = self._consent_config()
+            now = self.clock()
+            now_ns = int(now * 1e9)
+            if not consent_token:
+                raise AuthenticationFailed("Consent header missing", code="consent_missing")
+            verified = verify_consent_token(
+                consent_token, key_set=config.key_set, issuer=config.issuer,
+                audience=config.issuer, client_id=principal.org or "", now=now,
+                required_datatypes=ENROLLMENT_DATATYPES, purpose=ENROLLMENT_PURPOSE,
+            )
+            members["consent_id"] = verified.consent_id
+            members["subject_pseudonym"] = verified.sub
+            remember_ns = now_ns + _DPOP_REMEMBER_S * 1_000_000_000
+            verify_dpop_proof(
+                dpop_proof, htm="POST", htu=htu, access_token=access_token,
+                expected_jkt=verified.cnf_jkt, now=now,
+                seen_jti=lambda jti: self.state.spend_dpop_jti(
+                    principal.client_id, jti, remember_ns, now_ns),
+            )
+            if not self.state.is_consent_live(verified.consent_id, now_ns):
+                raise consent_refused("consent revoked or no longer valid", "consent_revoked")
+            stored = self.state.get_consent(verified.consent_id)
+            if stored is None or stored.record.insurer_org != principal.org or pairwise_sub(
+                config.pairwise_key, stored.record.subject, stored.record.insurer_org
+            ) != verified.sub:
+                raise consent_refused("token does not match its consent record",
+                                      "consent_mismatch")
+            decision = self._decide(principal, ENROLLMENT_ACTION, None, {})
+            members["policy_version"] = decision.policy_version
+            if not decision.allow:
+                raise PolicyDenied(decision.reasons)
+            if verified.single_use and not self.state.consume_consent_jti(
+                verified.jti, verified.consent_id, int(verified.replay_window_ends * 1e9),
+                now_ns,
+            ):
+                raise consent_refused("single-use consent already used", "consent_used")
+            _, rows, data_version = self.store.fetch(
+                _ENROLLMENT_SQL, [person_from_subject(stored.record.subject)])
+            today = datetime.fromtimestamp(now, tz=CHINA_TZ).date()
+            body = enrollment_answer(rows[0] if rows else None, today)
+        except GatewayError as exc:
+            reasons = exc.reasons if isinstance(exc, PolicyDenied) else [exc.message]
+            audit_id = self.record(principal, ENROLLMENT_ACTION, status=exc.status,
+                                   decision="error" if exc.status >= 500 else "deny",
+                                   error_code=exc.code, reasons=list(reasons), **members)
+            exc.details["audit_id"] = audit_id
+            raise
+        audit_id = self.record(principal, ENROLLMENT_ACTION, status=200, decision="allow",
+                               data_version=data_version,
+                               response_hash=_digest(orjson.dumps(body)), **members)
+        return Audited(body, audit_id)
+
+
+# Read-only lookups of one person by the store pseudonym, as bound parameters.
+_PERSON_EXISTS_SQL = "SELECT 1 FROM persons WHERE psn_id = ?"
+_ENROLLMENT_SQL = (
+    "SELECT insutype, insu_admdvs, psn_insu_date, insu_end_date FROM persons WHERE psn_id = ?"
+)
+# A DPoP jti is remembered for the accepted proof age (60 s) plus twice the skew (5 s).
+_DPOP_REMEMBER_S = 70

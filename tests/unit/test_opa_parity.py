@@ -152,12 +152,17 @@ CATALOG = catalog_document()
 DATASETS = sorted(CATALOG["datasets"])
 PURPOSES = sorted(CATALOG["purposes"])
 INSURERS = ["ins-001", "ins-002", "ins-003"]
-ACTIONS = ["query.aggregate", "catalog.read", "grants.manage", "audit.read"]
+ACTIONS = [
+    "query.aggregate", "catalog.read", "grants.manage", "audit.read", "consents.manage",
+    "persons.enrollment",
+]
 ROLES = ["insurer", "admin", "auditor", "subject"]
 PERMITTED = [
     ("insurer", "catalog.read"),
     ("insurer", "query.aggregate"),
     ("admin", "grants.manage"),
+    ("admin", "consents.manage"),
+    ("insurer", "persons.enrollment"),
     ("auditor", "audit.read"),
 ]
 FUNCTIONS = ["count_persons", "count", "sum", "mean"]

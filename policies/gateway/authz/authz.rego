@@ -30,9 +30,11 @@ aggregate_functions := {"count_persons", "count", "sum", "mean"}
 field_functions := {"sum", "mean"}
 
 # What each role may do at all. query.aggregate also needs a grant that covers the query.
+# persons.enrollment also needs a verified, live consent token and DPoP proof, checked by the
+# gateway before it asks.
 role_actions := {
-	"insurer": {"catalog.read", "query.aggregate"},
-	"admin": {"grants.manage"},
+	"insurer": {"catalog.read", "query.aggregate", "persons.enrollment"},
+	"admin": {"grants.manage", "consents.manage"},
 	"auditor": {"audit.read"},
 }
 

@@ -423,6 +423,20 @@ test_grants_manage_is_for_admins if {
 	only_reason(decide(as_actor("insurer", "grants.manage")), "action grants.manage is not allowed for role insurer")
 }
 
+test_consents_manage_is_for_admins if {
+	allowed(decide(as_actor("admin", "consents.manage")))
+	only_reason(decide(as_actor("insurer", "consents.manage")), "action consents.manage is not allowed for role insurer")
+	only_reason(decide(as_actor("subject", "consents.manage")), "action consents.manage is not allowed for role subject")
+}
+
+test_persons_enrollment_is_for_insurers if {
+	result := decide(as_actor("insurer", "persons.enrollment"))
+	allowed(result)
+	result.grant_id == null
+	only_reason(decide(as_actor("admin", "persons.enrollment")), "action persons.enrollment is not allowed for role admin")
+	only_reason(decide(as_actor("auditor", "persons.enrollment")), "action persons.enrollment is not allowed for role auditor")
+}
+
 test_audit_read_is_for_auditors if {
 	allowed(decide(as_actor("auditor", "audit.read")))
 	only_reason(decide(as_actor("admin", "audit.read")), "action audit.read is not allowed for role admin")
