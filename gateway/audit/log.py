@@ -15,6 +15,7 @@ stored hashes (:meth:`AuditLog.root`, :meth:`AuditLog.inclusion_proof`,
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import logging
 import re
@@ -22,10 +23,11 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import datetime
 from types import TracebackType
-from typing import Final, Self
+from typing import Final, NoReturn, Self
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -47,7 +49,6 @@ __all__ = ["AuditLog", "Batch", "BuildRows", "ReadNodes", "SearchFilter", "Store
 _log = logging.getLogger(__name__)
 
 MAX_SEARCH_LIMIT: Final = 1000
-_NODE_CHUNK: Final = 4096
 _DATE_RE: Final = re.compile(r"\d{4}-\d{2}-\d{2}")
 
 
@@ -414,57 +415,106 @@ class AuditLog(ABC):
     def verify(self) -> int:
         """Recompute every leaf, the chain and every stored Merkle subtree hash from the store;
         return the verified size or raise :class:`AuditIntegrityError` naming the first entry
-        (or subtree) that does not match."""
+        (or subtree) that does not match.
+
+        One streaming pass over one snapshot: the rows in index order, and beside them the
+        stored subtree hashes of each level in index order. Each subtree completed by a leaf is
+        recomputed on a stack (the Merkle frontier) and compared with the next stored hash of its
+        level, so every stored subtree is checked, and one that should not exist is refused."""
+        sha256 = hashlib.sha256
+        compare = hmac.compare_digest
+        leaf_prefix = merkle.LEAF_PREFIX
+        node_prefix = merkle.NODE_PREFIX
         prev = GENESIS
         expected = 0
-        compare = hmac.compare_digest
-        frontier: list[bytes] = []
-        pending: list[tuple[merkle.NodeID, bytes]] = []
-        for row in self._scan_rows(0):
-            if row.index != expected:
-                raise AuditIntegrityError(
-                    f"entry {expected}: missing, next stored index is {row.index}",
-                    index=expected,
-                )
-            leaf = leaf_hash(row.entry_json.encode("utf-8"))
-            if not compare(leaf, row.leaf_hash):
-                raise AuditIntegrityError(
-                    f"entry {expected}: leaf hash mismatch (entry changed)",
-                    index=expected,
-                    expected=row.leaf_hash.hex(),
-                    calculated=leaf.hex(),
-                )
-            prev = chain_hash(prev, leaf)
-            if not compare(prev, row.chain_hash):
-                raise AuditIntegrityError(
-                    f"entry {expected}: chain hash mismatch",
-                    index=expected,
-                    expected=row.chain_hash.hex(),
-                    calculated=prev.hex(),
-                )
-            frontier, nodes = merkle.extend(expected, frontier, [leaf])
-            pending += nodes
-            if len(pending) >= _NODE_CHUNK:
-                self._verify_nodes(pending)
-                pending = []
-            expected += 1
-        self._verify_nodes(pending)
+        stack: list[bytes] = []
+        with self._verify_scan() as (rows, stored_level, stored_above):
+            levels: list[Iterator[tuple[int, bytes]]] = []
+            for index, data, stored_leaf, stored_chain in rows:
+                if index != expected:
+                    raise AuditIntegrityError(
+                        f"entry {expected}: missing, next stored index is {index}",
+                        index=expected,
+                    )
+                leaf = sha256(leaf_prefix + data).digest()
+                if not compare(leaf, stored_leaf):
+                    raise AuditIntegrityError(
+                        f"entry {expected}: leaf hash mismatch (entry changed)",
+                        index=expected,
+                        expected=bytes(stored_leaf).hex(),
+                        calculated=leaf.hex(),
+                    )
+                prev = sha256(prev + leaf).digest()
+                if not compare(prev, stored_chain):
+                    raise AuditIntegrityError(
+                        f"entry {expected}: chain hash mismatch",
+                        index=expected,
+                        expected=bytes(stored_chain).hex(),
+                        calculated=prev.hex(),
+                    )
+                # Each trailing 1 bit of the size is a complete subtree that merges with the leaf.
+                node = leaf
+                level = 0
+                n = expected
+                while n & 1:
+                    node = sha256(node_prefix + stack.pop() + node).digest()
+                    n >>= 1
+                    if level == len(levels):
+                        levels.append(stored_level(level + 1))
+                    got = next(levels[level], None)
+                    level += 1
+                    if got is None or got[0] != n or not compare(node, got[1]):
+                        _subtree_error(level, n, node, got)
+                stack.append(node)
+                expected += 1
+            # Stored subtrees that no entry completes: more of a level, or a higher level.
+            for level, rest in enumerate(levels, start=1):
+                extra = next(rest, None)
+                if extra is not None:
+                    _subtree_error(level, extra[0], None, extra)
+            above = stored_above(len(levels))
+            if above is not None:
+                _subtree_error(above[0], above[1], None, (above[1], b""))
         return expected
 
-    def _verify_nodes(self, computed: list[tuple[merkle.NodeID, bytes]]) -> None:
-        if not computed:
-            return
-        stored = self._read_nodes([node for node, _ in computed])
-        for ((level, index), want), got in zip(computed, stored, strict=True):
-            if not hmac.compare_digest(want, got):
-                first = index << level
-                raise AuditIntegrityError(
-                    f"subtree ({level}, {index}) over entries {first}..{first + (1 << level) - 1}:"
-                    " stored hash mismatch",
-                    index=first,
-                    expected=got.hex(),
-                    calculated=want.hex(),
-                )
+    @abstractmethod
+    def _verify_scan(
+        self,
+    ) -> AbstractContextManager[
+        tuple[
+            Iterator[tuple[int, bytes, bytes, bytes]],
+            Callable[[int], Iterator[tuple[int, bytes]]],
+            Callable[[int], tuple[int, int] | None],
+        ]
+    ]:
+        """For :meth:`verify`, from one consistent snapshot: the rows ``(index, entry bytes as
+        stored, leaf hash, chain hash)`` in index order; a function giving the stored subtrees
+        ``(index, hash)`` of one level (>= 1) in index order; and one giving the first stored
+        subtree ``(level, index)`` above a level, or ``None``."""
+
+
+def _subtree_error(
+    level: int, index: int, calculated: bytes | None, got: tuple[int, bytes] | None
+) -> NoReturn:
+    if (got is not None and got[0] < index) or calculated is None:
+        # A stored subtree that no entry completed (or one out of order).
+        index = got[0] if got is not None else index
+        first = index << level
+        raise AuditIntegrityError(
+            f"subtree ({level}, {index}) over entries {first}..{first + (1 << level) - 1}:"
+            " stored but not part of the log",
+            index=first,
+        )
+    first = index << level
+    span = f"subtree ({level}, {index}) over entries {first}..{first + (1 << level) - 1}"
+    if got is None or got[0] != index:
+        raise AuditIntegrityError(f"{span}: missing from the store", index=first)
+    raise AuditIntegrityError(
+        f"{span}: stored hash mismatch",
+        index=first,
+        expected=bytes(got[1]).hex(),
+        calculated=calculated.hex(),
+    )
 
 
 class _StoreNodes:

@@ -18,7 +18,7 @@ import json
 import os
 import sqlite3
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict
 from typing import Final
@@ -122,6 +122,13 @@ _SCAN: Final = (
     "SELECT idx, entry_json, leaf_hash, chain_hash FROM audit_entries WHERE idx >= ? ORDER BY idx"
 )
 _SCAN_CHUNK: Final = 4096
+# What verify() reads: the entry text as the bytes stored (UTF-8, what was hashed), and the
+# subtree hashes level by level in index order (the primary key's order).
+_VERIFY_SCAN: Final = (
+    "SELECT idx, CAST(entry_json AS BLOB), leaf_hash, chain_hash FROM audit_entries ORDER BY idx"
+)
+_LEVEL_SCAN: Final = "SELECT idx, hash FROM audit_subtrees WHERE level = ? ORDER BY idx"
+_ABOVE: Final = "SELECT level, idx FROM audit_subtrees WHERE level > ? ORDER BY level, idx LIMIT 1"
 
 
 class SqliteAuditLog(AuditLog):
@@ -280,6 +287,41 @@ class SqliteAuditLog(AuditLog):
                         yield StoredRow(idx, text, leaf, chain)
             finally:
                 cursor.close()
+
+    @contextmanager
+    def _verify_scan(
+        self,
+    ) -> Iterator[
+        tuple[
+            Iterator[tuple[int, bytes, bytes, bytes]],
+            Callable[[int], Iterator[tuple[int, bytes]]],
+            Callable[[int], tuple[int, int] | None],
+        ]
+    ]:
+        # One read transaction: every statement below reads the same WAL snapshot.
+        with self._reader() as conn:
+            conn.execute("BEGIN")
+            cursors: list[sqlite3.Cursor] = []
+
+            def level(lv: int) -> Iterator[tuple[int, bytes]]:
+                cursor = conn.execute(_LEVEL_SCAN, (lv,))
+                cursors.append(cursor)
+                return cursor
+
+            def above(lv: int) -> tuple[int, int] | None:
+                row = conn.execute(_ABOVE, (lv,)).fetchone()
+                return None if row is None else (row[0], row[1])
+
+            try:
+                rows = conn.execute(_VERIFY_SCAN)
+                cursors.append(rows)
+                rows.arraysize = _SCAN_CHUNK
+                yield rows, level, above
+            finally:
+                for cursor in cursors:
+                    cursor.close()
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
 
     def _search_rows(self, where: SearchFilter, limit: int, offset: int) -> list[tuple[int, str]]:
         params = {k: v for k, v in asdict(where).items() if v is not None}
