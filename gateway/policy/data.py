@@ -12,12 +12,40 @@ The service layer builds ``catalog`` and ``grants``; every engine adds ``grant_i
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Final
 
 from gateway.errors import PolicyEngineError
 
-__all__ = ["with_grant_index"]
+__all__ = ["ENCODER", "encode_data", "is_mapping", "with_grant_index"]
+
+
+def is_mapping(value: object) -> bool:
+    # Callers are typed, but a request body may still hand over anything.
+    return isinstance(value, Mapping)
+
+
+def _plain(value: object) -> object:
+    # Mappings other than dict (e.g. MappingProxyType) are JSON objects too.
+    if isinstance(value, Mapping):
+        return dict(value)
+    raise TypeError(f"{type(value).__name__} is not JSON")
+
+
+# One encoder for every call: json.dumps with options builds a new one each time.
+ENCODER: Final = json.JSONEncoder(separators=(",", ":"), allow_nan=False, default=_plain)
+
+
+def encode_data(data: object) -> str:
+    """The data document with its grant index, as compact JSON; PolicyEngineError if it is
+    not a JSON object (every engine then fails closed)."""
+    if not isinstance(data, Mapping):
+        raise PolicyEngineError("policy data must be a JSON object")
+    try:
+        return ENCODER.encode(with_grant_index(data))
+    except (TypeError, ValueError):
+        raise PolicyEngineError("policy data is not a JSON document") from None
 
 # The policies live at data.gateway.authz; data stored there would collide with them.
 _POLICY_NAMESPACE = "authz"

@@ -36,7 +36,7 @@ from gateway.policy._sources import (
     policies_dir,
     policy_version,
 )
-from gateway.policy.data import with_grant_index
+from gateway.policy.data import ENCODER, encode_data, is_mapping
 from gateway.policy.decision import UNDEFINED, Decision, decision_from_document
 
 __all__ = [
@@ -124,24 +124,8 @@ def _is_engine_failure(exc: BaseException) -> bool:
     return isinstance(exc, Exception) or type(exc).__name__ == "PanicException"
 
 
-def _is_mapping(value: object) -> bool:
-    # Callers are typed, but a request body may still hand over anything.
-    return isinstance(value, Mapping)
-
-
-def _plain(value: object) -> object:
-    # Mappings other than dict (e.g. MappingProxyType) are JSON objects too.
-    if isinstance(value, Mapping):
-        return dict(value)
-    raise TypeError(f"{type(value).__name__} is not JSON")
-
-
-# One encoder for every call: json.dumps with options builds a new one each time.
-_ENCODER: Final = json.JSONEncoder(separators=(",", ":"), allow_nan=False, default=_plain)
-
-
 def _input_json(policy_input: Mapping[str, Any]) -> str:
-    return _ENCODER.encode(policy_input)
+    return ENCODER.encode(policy_input)
 
 
 class _Evaluator(Protocol):
@@ -308,17 +292,11 @@ class RegorusEngine:
         with self._write_lock:
             generation = self._state.generation + 1
             failed = _DataState(generation=generation, data_json="{}", failed=True)
-            if not _is_mapping(data):
-                self._state = failed
-                raise PolicyEngineError("policy data must be a JSON object")
             try:
-                data_json = _ENCODER.encode(with_grant_index(data))
+                data_json = encode_data(data)
             except PolicyEngineError:
                 self._state = failed
                 raise
-            except (TypeError, ValueError):
-                self._state = failed
-                raise PolicyEngineError("policy data is not a JSON document") from None
             candidate = _DataState(generation=generation, data_json=data_json, loaded=True)
             try:
                 self._check(candidate, stage="data")
@@ -331,7 +309,7 @@ class RegorusEngine:
         state = self._state
         if state.failed:
             raise PolicyEngineError("the policy data could not be loaded")
-        if not _is_mapping(policy_input):
+        if not is_mapping(policy_input):
             raise PolicyEngineError("the policy input must be a JSON object")
         document = self._evaluate(state, policy_input, stage="decide")
         return decision_from_document(document, policy_version=self._version, engine=self.name)

@@ -19,7 +19,6 @@ may echo request values.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import threading
@@ -33,7 +32,7 @@ import httpx
 
 from gateway.errors import PolicyEngineError
 from gateway.policy._sources import load_policy_sources, policies_dir, policy_version
-from gateway.policy.data import with_grant_index
+from gateway.policy.data import ENCODER, encode_data, is_mapping
 from gateway.policy.decision import UNDEFINED, Decision, decision_from_document
 from gateway.policy.engine import DECISION_ENTRYPOINT, register_engine
 
@@ -45,20 +44,6 @@ DEFAULT_OPA_URL: Final = "http://127.0.0.1:8181"
 _POLICY_ID_PREFIX: Final = "yibao-gateway/"
 
 logger = logging.getLogger(__name__)
-
-
-def _plain(value: object) -> object:
-    if isinstance(value, Mapping):
-        return dict(value)
-    raise TypeError(f"{type(value).__name__} is not JSON")
-
-
-_ENCODER: Final = json.JSONEncoder(separators=(",", ":"), allow_nan=False, default=_plain)
-
-
-def _is_mapping(value: object) -> bool:
-    # Callers are typed, but a request body may still hand over anything.
-    return isinstance(value, Mapping)
 
 
 def _data_path(entrypoint: str) -> str:
@@ -139,17 +124,11 @@ class OpaServerEngine:
         closed (every decision raises) until a good document is set."""
         with self._write_lock:
             failed = _State(failed=True)
-            if not _is_mapping(data):
-                self._state = failed
-                raise PolicyEngineError("policy data must be a JSON object")
             try:
-                body = _ENCODER.encode(with_grant_index(data))
+                body = encode_data(data)
             except PolicyEngineError:
                 self._state = failed
                 raise
-            except (TypeError, ValueError):
-                self._state = failed
-                raise PolicyEngineError("policy data is not a JSON document") from None
             try:
                 # The root document, replaced whole (policies are stored apart from data).
                 self._call("PUT", "/v1/data", body, stage="data", expect=(204, 200))
@@ -162,7 +141,7 @@ class OpaServerEngine:
     def decide(self, policy_input: Mapping[str, Any]) -> Decision:
         if self._state.failed:
             raise PolicyEngineError("the policy data could not be loaded")
-        if not _is_mapping(policy_input):
+        if not is_mapping(policy_input):
             raise PolicyEngineError("the policy input must be a JSON object")
         document = self._evaluate(policy_input, stage="decide")
         return decision_from_document(document, policy_version=self._version, engine=self.name)
@@ -189,7 +168,7 @@ class OpaServerEngine:
 
     def _evaluate(self, policy_input: Mapping[str, Any], *, stage: str) -> object:
         try:
-            body = _ENCODER.encode({"input": policy_input})
+            body = ENCODER.encode({"input": policy_input})
         except (TypeError, ValueError):
             raise PolicyEngineError("the policy input is not a JSON document") from None
         response = self._call("POST", self._decision_path, body, stage=stage, expect=(200,))
