@@ -204,6 +204,15 @@ class ConsentStatements(ABC):
     def _bump(cur: Any, name: str) -> None:
         """Increment the change counter ``name`` inside the caller's transaction."""
 
+    def _remember_once(self, purge: str, insert: str, params: tuple[Any, ...],
+                       now_ns: int) -> bool:
+        """The one replay store: purge what has expired, then insert; True for exactly one
+        caller across threads and processes (the insert is the arbiter, not a prior read)."""
+        with self._tx(write=True) as cur:
+            cur.execute(purge, (now_ns,))
+            cur.execute(insert, params)
+            return bool(cur.rowcount == 1)
+
     # -- consents ----------------------------------------------------------------------
     def add_consent(self, record: ConsentRecord) -> StoredConsent:
         """Store a new, active consent; Conflict if its id exists."""
@@ -300,28 +309,22 @@ class ConsentStatements(ABC):
         e.g. ``VerifiedConsent.replay_window_ends``). Expired entries are purged first."""
         if not jti or not consent_id:
             raise ValidationFailed("jti and consent_id are required")
-        with self._tx(write=True) as cur:
-            cur.execute("DELETE FROM consumed_consent_jti WHERE expires_ns < ?", (now_ns,))
-            cur.execute(
-                "INSERT INTO consumed_consent_jti (jti, consent_id, expires_ns) VALUES (?, ?, ?) "
-                "ON CONFLICT (jti) DO NOTHING",
-                (jti, consent_id, expires_ns),
-            )
-            return bool(cur.rowcount == 1)
+        return self._remember_once(
+            "DELETE FROM consumed_consent_jti WHERE expires_ns < ?",
+            "INSERT INTO consumed_consent_jti (jti, consent_id, expires_ns) VALUES (?, ?, ?) "
+            "ON CONFLICT (jti) DO NOTHING",
+            (jti, consent_id, expires_ns), now_ns)
 
     def spend_dpop_jti(self, client_id: str, jti: str, expires_ns: int, now_ns: int) -> bool:
         """Record a DPoP proof's ``jti`` for ``client_id``; False for a replay while it is
         remembered (through ``expires_ns``). Fits ``verify_dpop_proof(seen_jti=…)``."""
         if not client_id or not jti:
             raise ValidationFailed("client_id and jti are required")
-        with self._tx(write=True) as cur:
-            cur.execute("DELETE FROM dpop_jti WHERE expires_ns < ?", (now_ns,))
-            cur.execute(
-                "INSERT INTO dpop_jti (client_id, jti, expires_ns) VALUES (?, ?, ?) "
-                "ON CONFLICT (client_id, jti) DO NOTHING",
-                (client_id, jti, expires_ns),
-            )
-            return bool(cur.rowcount == 1)
+        return self._remember_once(
+            "DELETE FROM dpop_jti WHERE expires_ns < ?",
+            "INSERT INTO dpop_jti (client_id, jti, expires_ns) VALUES (?, ?, ?) "
+            "ON CONFLICT (client_id, jti) DO NOTHING",
+            (client_id, jti, expires_ns), now_ns)
 
     # -- consent keys (public halves and private-key references only) ------------------
     def save_consent_key(self, kid: str, state: KeyState, public_jwk: dict[str, str], *,

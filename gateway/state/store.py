@@ -128,13 +128,11 @@ class StateStore(ConsentStatements, ABC):
     # -- single-use assertion ids ------------------------------------------------------
     def spend_jti(self, jti: str, client_id: str, expires_ns: int, now_ns: int) -> bool:
         """Record ``jti`` as used; False if it was already used and has not expired."""
-        with self._tx(write=True) as cur:
-            cur.execute("DELETE FROM spent_jti WHERE expires_ns < ?", (now_ns,))
-            cur.execute(
-                "INSERT OR IGNORE INTO spent_jti (jti, client_id, expires_ns) VALUES (?, ?, ?)",
-                (f"{client_id}:{jti}", client_id, expires_ns),
-            )
-            return bool(cur.rowcount == 1)
+        return self._remember_once(
+            "DELETE FROM spent_jti WHERE expires_ns < ?",
+            "INSERT INTO spent_jti (jti, client_id, expires_ns) VALUES (?, ?, ?) "
+            "ON CONFLICT (jti) DO NOTHING",
+            (f"{client_id}:{jti}", client_id, expires_ns), now_ns)
 
     # -- grants ------------------------------------------------------------------------
     def add_grant(self, grant: GrantRecord) -> None:
