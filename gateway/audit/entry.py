@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime, time, tzinfo
 from typing import Any, Final
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -33,6 +33,7 @@ __all__ = [
     "entry_bytes",
     "leaf_hash",
     "sha256_tag",
+    "ts_bound",
     "utc_timestamp",
 ]
 
@@ -194,3 +195,31 @@ class AuditEntry(BaseModel):
 def entry_bytes(entry: AuditEntry) -> bytes:
     """The canonical bytes of ``entry``: every member, including nulls and defaults."""
     return canonical_json(entry.model_dump(mode="json"))
+
+
+_DATE_RE: Final = re.compile(r"\d{4}-\d{2}-\d{2}")
+
+
+def ts_bound(name: str, value: str | datetime | None, zone: tzinfo = UTC) -> str | None:
+    """A ``since``/``until`` bound in entry-timestamp form, so it compares as a string.
+
+    ``value`` is an aware datetime, an RFC 3339 timestamp with a zone, or a ``YYYY-MM-DD`` date,
+    which means its midnight in ``zone`` (UTC unless given). ``ValueError`` otherwise.
+
+    >>> ts_bound("since", "2026-01-02")
+    '2026-01-02T00:00:00.000000Z'
+    """
+    if value is None:
+        return None
+    if isinstance(value, str):
+        if _DATE_RE.fullmatch(value):
+            day = date.fromisoformat(value)
+            value = datetime.combine(day, time(0), tzinfo=zone)
+        else:
+            try:
+                value = datetime.fromisoformat(value)
+            except ValueError:
+                raise ValueError(f"{name} must be YYYY-MM-DD or an RFC 3339 timestamp") from None
+    if value.tzinfo is None:
+        raise ValueError(f"{name} must carry a time zone (e.g. Z or +08:00)")
+    return utc_timestamp(value)

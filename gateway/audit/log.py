@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
-import re
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -40,7 +39,7 @@ from gateway.audit.entry import (
     chain_hash,
     entry_bytes,
     leaf_hash,
-    utc_timestamp,
+    ts_bound,
 )
 from gateway.errors import AuditIntegrityError, AuditUnavailable, BadRequest, NotFound
 
@@ -49,7 +48,6 @@ __all__ = ["AuditLog", "Batch", "BuildRows", "ReadNodes", "SearchFilter", "Store
 _log = logging.getLogger(__name__)
 
 MAX_SEARCH_LIMIT: Final = 1000
-_DATE_RE: Final = re.compile(r"\d{4}-\d{2}-\d{2}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -530,15 +528,7 @@ class _StoreNodes:
 
 
 def _ts_bound(name: str, value: str | datetime | None) -> str | None:
-    # Entry timestamps are fixed-width UTC, so a bound in the same form compares correctly as a
-    # string; a bare date compares as its midnight.
-    if value is None or (isinstance(value, str) and _DATE_RE.fullmatch(value)):
-        return value
-    if isinstance(value, str):
-        try:
-            value = datetime.fromisoformat(value)
-        except ValueError:
-            raise BadRequest(f"{name} must be YYYY-MM-DD or an RFC 3339 timestamp") from None
-    if value.tzinfo is None:
-        raise BadRequest(f"{name} must carry a time zone (e.g. Z or +08:00)")
-    return utc_timestamp(value)
+    try:
+        return ts_bound(name, value)
+    except ValueError as exc:
+        raise BadRequest(str(exc)) from None

@@ -26,8 +26,8 @@ from datetime import datetime, timedelta
 from typing import Any, Final, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from gateway.audit.entry import AuditEntry
-from gateway.audit.scan import parse_ts, ts_bound
+from gateway.audit.entry import AuditEntry, ts_bound
+from gateway.audit.scan import parse_ts
 
 __all__ = [
     "REPORT_KINDS",

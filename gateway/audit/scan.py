@@ -6,22 +6,20 @@ here reads the wall clock.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator
-from datetime import UTC, date, datetime, time, tzinfo
-from typing import Final, TypeAlias
+from datetime import datetime
+from typing import TypeAlias
 
 import orjson
 
-from gateway.audit.entry import AuditEntry, utc_timestamp
+from gateway.audit.entry import AuditEntry, ts_bound
 from gateway.audit.log import AuditLog
 
-__all__ = ["IndexedEntry", "iter_entries", "parse_ts", "ts_bound"]
+__all__ = ["IndexedEntry", "iter_entries", "parse_ts"]
 
 #: What alerts and reports consume: an entry and its 0-based index in the log.
 IndexedEntry: TypeAlias = tuple[int, AuditEntry]
 
-_DATE_RE: Final = re.compile(r"\d{4}-\d{2}-\d{2}")
 
 
 def parse_ts(ts: str) -> float:
@@ -31,31 +29,6 @@ def parse_ts(ts: str) -> float:
     60.5
     """
     return datetime.fromisoformat(ts).timestamp()
-
-
-def ts_bound(name: str, value: str | datetime | None, zone: tzinfo = UTC) -> str | None:
-    """A ``since``/``until`` bound in entry-timestamp form, so it compares as a string.
-
-    ``value`` is an aware datetime, an RFC 3339 timestamp with a zone, or a ``YYYY-MM-DD`` date,
-    which means its midnight in ``zone`` (UTC unless given). ``ValueError`` otherwise.
-
-    >>> ts_bound("since", "2026-01-02")
-    '2026-01-02T00:00:00.000000Z'
-    """
-    if value is None:
-        return None
-    if isinstance(value, str):
-        if _DATE_RE.fullmatch(value):
-            day = date.fromisoformat(value)
-            value = datetime.combine(day, time(0), tzinfo=zone)
-        else:
-            try:
-                value = datetime.fromisoformat(value)
-            except ValueError:
-                raise ValueError(f"{name} must be YYYY-MM-DD or an RFC 3339 timestamp") from None
-    if value.tzinfo is None:
-        raise ValueError(f"{name} must carry a time zone (e.g. Z or +08:00)")
-    return utc_timestamp(value)
 
 
 def iter_entries(

@@ -26,6 +26,7 @@ from prometheus_client.core import Metric
 from prometheus_client.registry import Collector
 
 from gateway.audit.alerts import RULES, Alert, AlertCollector, AlertConfig, AlertEngine
+from gateway.audit.entry import ts_bound
 from gateway.audit.log import AuditLog
 from gateway.audit.reports import (
     REPORT_KINDS,
@@ -35,7 +36,7 @@ from gateway.audit.reports import (
     report_html,
     report_json,
 )
-from gateway.audit.scan import iter_entries, ts_bound
+from gateway.audit.scan import iter_entries
 from gateway.auth.tokens import Principal
 from gateway.errors import BadRequest
 from gateway.service.gateway import Audited, Gateway
