@@ -22,6 +22,7 @@ from gateway.service.bootstrap import build_gateway
 from gateway.service.gateway import Gateway
 from gateway.settings import Settings
 from gateway.synth import CityFiles, generate_city
+from tests.postgres import postgres_server, postgres_url  # noqa: F401  (fixtures)
 
 CITY_PERSONS = 3000
 CITY_SEED = 11
