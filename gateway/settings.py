@@ -27,6 +27,13 @@ class Settings(BaseSettings):
     query_timeout_s: float = Field(default=30.0, gt=0)
     query_memory_limit: str = "4GB"
     audit_origin: str = "yibao-gateway.local/audit"
+    # Production topology (docs/deploy.md). None: the embedded SQLite files under workdir.
+    state_url: str | None = None  # postgresql://... for grants, consents, replay, budgets
+    audit_url: str | None = None  # postgresql://... for the audit log
+    opa_url: str | None = None  # http://127.0.0.1:8181 when policy_engine == "opa"
+    opa_timeout_s: float = Field(default=0.5, gt=0)
+    policy_bundle_path: Path | None = None  # signed bundle built by `opa build --signing-key`
+    policy_bundle_key_path: Path | None = None  # public key that verifies that bundle
 
     @property
     def token_url(self) -> str:
