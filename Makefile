@@ -8,7 +8,7 @@ SEED ?= 7
 PORT ?= 8000
 WORKDIR ?= .gateway/demo
 
-.PHONY: install demo test lint opa opa-check bench clean
+.PHONY: install demo test lint opa opa-check deploy-check bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -46,6 +46,19 @@ opa-check:
 	fi; \
 	echo "opa test --ignore schemas policies/"; \
 	$$opa test --ignore schemas policies/
+
+# The signed policy bundle (tools/build-bundle.sh; `opa build` with an ES256 key), at
+# build/policy-bundle.tar.gz. The key never enters the repository: make one with
+# `gateway policy keygen bundle-signing.pem bundle-signing.pub.pem`.
+.PHONY: bundle
+bundle: $(STAMP)
+	@test -n "$(BUNDLE_KEY)" || { echo "usage: make bundle BUNDLE_KEY=path/to/private.pem" >&2; exit 2; }
+	bash tools/build-bundle.sh --key "$(BUNDLE_KEY)"
+
+# deploy/ without a Docker engine: hadolint, shellcheck, the compose-spec schema and the
+# Kubernetes schemas (tools from the dev extra; see tools/check-deploy.sh).
+deploy-check: $(STAMP)
+	bash tools/check-deploy.sh
 
 bench: $(STAMP)
 	$(BIN)/pip install --quiet -e ".[dev,bench]"
