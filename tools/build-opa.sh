@@ -31,8 +31,17 @@ case "${1:-}" in
 *) die "unknown argument: $1 (use --path or nothing)" ;;
 esac
 
+# True if the binary runs and is the pinned version. Its output is captured before grep
+# reads it: `opa version | grep -q` under pipefail fails whenever grep exits first and opa
+# dies of SIGPIPE (seen on a loaded machine, where it triggered needless rebuilds).
+is_pinned() {
+	local out
+	out=$("$1" version 2>/dev/null) || return 1
+	grep -qx "Version: ${OPA_VERSION#v}" <<<"$out"
+}
+
 # Reuse a cached binary only if it runs and is the pinned version.
-if [[ -x "$binary" ]] && "$binary" version 2>/dev/null | grep -qx "Version: ${OPA_VERSION#v}"; then
+if [[ -x "$binary" ]] && is_pinned "$binary"; then
 	echo "$binary"
 	exit 0
 fi
@@ -52,7 +61,7 @@ if ! GOTOOLCHAIN=local GOFLAGS=-buildvcs=false GOBIN="$staging" CGO_ENABLED=0 \
 	die "go install $OPA_MODULE@$OPA_VERSION failed (see above)"
 fi
 [[ -x "$staging/opa" ]] || die "go install finished but produced no opa binary in $staging"
-"$staging/opa" version | grep -qx "Version: ${OPA_VERSION#v}" ||
+is_pinned "$staging/opa" ||
 	die "the built binary does not report version ${OPA_VERSION#v}: $("$staging/opa" version 2>&1 | head -1)"
 # Atomic: a concurrent run either sees no binary or a whole one.
 mv -f "$staging/opa" "$binary" || die "cannot move the binary to $binary"

@@ -8,8 +8,15 @@ obligations, for every request; anything unexpected fails closed.
 (False, ('request has no action', 'request has no subject role'))
 """
 
+from gateway.policy.bundle import PolicyBundle, load_bundle
 from gateway.policy.data import with_grant_index
-from gateway.policy.decision import Decision, Obligations
+from gateway.policy.decision import (
+    Decision,
+    Obligations,
+    PolicyTrace,
+    note_policy_trace,
+    take_policy_trace,
+)
 from gateway.policy.engine import (
     DECISION_ENTRYPOINT,
     EngineFactory,
@@ -27,10 +34,15 @@ __all__ = [
     "EngineFactory",
     "Obligations",
     "OpaServerEngine",
+    "PolicyBundle",
     "PolicyEngine",
+    "PolicyTrace",
     "RegorusEngine",
     "build_engine",
+    "load_bundle",
+    "note_policy_trace",
     "policies_dir",
     "register_engine",
+    "take_policy_trace",
     "with_grant_index",
 ]

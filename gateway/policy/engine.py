@@ -16,7 +16,6 @@ from the next request.
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import os
 import re
@@ -27,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Protocol, runtime_checkable
 
+import orjson
 import regorus
 
 from gateway.errors import PolicyEngineError
@@ -36,8 +36,14 @@ from gateway.policy._sources import (
     policies_dir,
     policy_version,
 )
+from gateway.policy.bundle import PolicyBundle
 from gateway.policy.data import ENCODER, encode_data, is_mapping
-from gateway.policy.decision import UNDEFINED, Decision, decision_from_document
+from gateway.policy.decision import (
+    UNDEFINED,
+    Decision,
+    decision_from_document,
+    note_policy_trace,
+)
 
 __all__ = [
     "DECISION_ENTRYPOINT",
@@ -65,8 +71,17 @@ class PolicyEngine(Protocol):
         """Content hash of the loaded policy files, e.g. ``sha256:0123456789abcdef``."""
         ...
 
-    def set_data(self, data: Mapping[str, Any]) -> None:
-        """Replace the whole policy data document; decisions use it from the next request."""
+    @property
+    def revision(self) -> str:
+        """The signed bundle's manifest revision, or :attr:`version` without a bundle."""
+        ...
+
+    def set_data(self, data: Mapping[str, Any], *, version: int | None = None) -> None:
+        """Replace the whole policy data document; decisions use it from the next request.
+
+        ``version``: the monotonic version of what the data was read from (the grants
+        table). An engine shared by several processes (one OPA server behind several
+        workers) never replaces data of a newer version with older data."""
         ...
 
     def decide(self, policy_input: Mapping[str, Any]) -> Decision:
@@ -175,7 +190,8 @@ class _CompiledEvaluator:
         result = self._vm.execute()
         if result.strip() == _RVM_UNDEFINED:
             return UNDEFINED
-        return json.loads(result)
+        # orjson: ~4x faster than json.loads on this document (bench/policy_decision.py).
+        return orjson.loads(result)
 
 
 class _InterpreterEvaluator:
@@ -246,6 +262,10 @@ class RegorusEngine:
 
     ``mode`` is ``"compiled"`` (the regorus VM, the default: about 3x faster) or
     ``"interpreter"`` (the reference evaluator the Rego test suite runs on).
+
+    ``bundle`` (a signed bundle verified by :func:`gateway.policy.bundle.load_bundle`)
+    replaces ``policy_dir``; its manifest revision is then each decision's
+    ``bundle_revision``.
     """
 
     name: str = "regorus"
@@ -254,6 +274,7 @@ class RegorusEngine:
         self,
         policy_dir: str | os.PathLike[str] | None = None,
         *,
+        bundle: PolicyBundle | None = None,
         data: Mapping[str, Any] | None = None,
         mode: str = "compiled",
         entrypoint: str = DECISION_ENTRYPOINT,
@@ -262,9 +283,15 @@ class RegorusEngine:
         if make is None:
             raise PolicyEngineError(f"unknown regorus mode {mode!r}")
         self._make = make
-        directory = policies_dir() if policy_dir is None else Path(policy_dir)
-        sources = load_policy_sources(directory)
+        if bundle is not None and policy_dir is not None:
+            raise PolicyEngineError("give a policy directory or a bundle, not both")
+        if bundle is not None:
+            sources = bundle.sources
+        else:
+            directory = policies_dir() if policy_dir is None else Path(policy_dir)
+            sources = load_policy_sources(directory)
         self._version = policy_version(sources)
+        self._revision = bundle.revision if bundle is not None else self._version
         self._build = _Build(sources, entrypoint)
         self._serial = next(_serials)
         self._write_lock = threading.Lock()
@@ -278,6 +305,10 @@ class RegorusEngine:
         return self._version
 
     @property
+    def revision(self) -> str:
+        return self._revision
+
+    @property
     def mode(self) -> str:
         return "compiled" if self._make is _CompiledEvaluator else "interpreter"
 
@@ -285,8 +316,9 @@ class RegorusEngine:
         state = self._state
         return state.loaded and not state.failed
 
-    def set_data(self, data: Mapping[str, Any]) -> None:
-        """Replace the whole data document. It is checked on this thread first; if it
+    def set_data(self, data: Mapping[str, Any], *, version: int | None = None) -> None:
+        """Replace the whole data document (``version`` is not needed: this engine is not
+        shared between processes). It is checked on this thread first; if it
         cannot be used the engine fails closed (every decision raises) until a good one
         is set, so a failed update can never leave an older, wider grant in force."""
         with self._write_lock:
@@ -306,13 +338,19 @@ class RegorusEngine:
             self._state = candidate
 
     def decide(self, policy_input: Mapping[str, Any]) -> Decision:
+        note_policy_trace(self._revision)
         state = self._state
         if state.failed:
             raise PolicyEngineError("the policy data could not be loaded")
         if not is_mapping(policy_input):
             raise PolicyEngineError("the policy input must be a JSON object")
         document = self._evaluate(state, policy_input, stage="decide")
-        return decision_from_document(document, policy_version=self._version, engine=self.name)
+        return decision_from_document(
+            document,
+            policy_version=self._version,
+            engine=self.name,
+            bundle_revision=self._revision,
+        )
 
     # --- internals ---------------------------------------------------------------------
 

@@ -13,18 +13,13 @@ it the tests fail when ``CI`` is set, and skip otherwise.
 from __future__ import annotations
 
 import copy
-import os
 import random
 import re
 import shutil
-import socket
 import subprocess
-import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 from gateway.catalog import load_catalog
@@ -34,87 +29,16 @@ from gateway.policy import (
     PolicyEngine,
     RegorusEngine,
     build_engine,
-    policies_dir,
 )
-
-REPO = Path(__file__).resolve().parents[2]
-BUILD_SCRIPT = REPO / "tools" / "build-opa.sh"
+from tests.opa import BUILD_SCRIPT, OpaServer, free_port, opa_binary
 
 SEED = 20260501
-INPUTS_PER_DOCUMENT = (600, 400, 200)  # three data documents: 1,200 inputs
+INPUTS_PER_DOCUMENT = (700, 450, 250)  # three data documents: 1,400 inputs
 T0 = 1_763_800_000_000_000_000
 DAY = 86_400 * 10**9
 
 
-# --- the OPA server ---------------------------------------------------------------------------
-
-
-def opa_binary() -> Path:
-    """The cached OPA binary; fails under CI, skips locally, when it is not built."""
-    override = os.environ.get("GATEWAY_OPA_BIN")
-    if override:
-        path = Path(override)
-    else:
-        answer = subprocess.run(
-            ["bash", str(BUILD_SCRIPT), "--path"], capture_output=True, text=True, check=True
-        )
-        path = Path(answer.stdout.strip())
-    if path.is_file() and os.access(path, os.X_OK):
-        return path
-    message = f"the OPA binary {path} is not built: run `make opa-check` (tools/build-opa.sh)"
-    if os.environ.get("CI"):
-        pytest.fail(message, pytrace=False)
-    pytest.skip(message)
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-class OpaServer:
-    """``opa run --server`` on a free loopback port, stopped at the end."""
-
-    def __init__(self, binary: Path) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.process = subprocess.Popen(
-            [
-                str(binary),
-                "run",
-                "--server",
-                "--addr",
-                f"127.0.0.1:{self.port}",
-                "--log-level",
-                "error",
-                "--disable-telemetry",
-            ],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                err = self.process.stderr.read().decode() if self.process.stderr else ""
-                raise RuntimeError(f"opa exited with {self.process.returncode}: {err[:2000]}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=0.5).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.05)
-        self.stop()
-        raise RuntimeError("opa did not become healthy within 20 s")
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-        self.process.wait(timeout=10)
-        if self.process.stderr:
-            self.process.stderr.close()
+# --- the OPA server (tests/opa.py) ---------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -154,7 +78,7 @@ PURPOSES = sorted(CATALOG["purposes"])
 INSURERS = ["ins-001", "ins-002", "ins-003"]
 ACTIONS = [
     "query.aggregate", "catalog.read", "grants.manage", "audit.read", "consents.manage",
-    "persons.enrollment",
+    "persons.enrollment", "persons.settlements", "consents.own", "subjects.access",
 ]
 ROLES = ["insurer", "admin", "auditor", "subject"]
 PERMITTED = [
@@ -163,8 +87,41 @@ PERMITTED = [
     ("admin", "grants.manage"),
     ("admin", "consents.manage"),
     ("insurer", "persons.enrollment"),
+    ("insurer", "persons.settlements"),
+    ("subject", "consents.own"),
+    ("subject", "subjects.access"),
     ("auditor", "audit.read"),
 ]
+# Person actions carry verified consent claims (docs/consent.md); the corpus varies them.
+PERSON_REQUESTS = {
+    "persons.enrollment": ("enrollment_check", ["enrollment.admdvs", "enrollment.insutype",
+                                                "enrollment.status"]),
+    "persons.settlements": ("claims_fast_track", ["settlements.amounts",
+                                                  "settlements.diagnosis_category",
+                                                  "settlements.summary"]),
+}
+SETTLEMENT_FIELDS = ["setl_date", "med_type", "hosp_lv", "fixmedins_code", "dise_codg",
+                     "dise_category", "medfee_sumamt", "maf_pay", "acct_pay", "psn_part_amt"]
+
+
+def _person_request(rng: random.Random, action: str, org: str) -> dict[str, Any]:
+    purpose, datatypes = PERSON_REQUESTS[action]
+    consented = datatypes if rng.random() < 0.7 else rng.sample(datatypes, 1)
+    detail = {"type": "yibao_data_access", "actions": ["read"], "datatypes": consented,
+              "purpose": rng.choice([purpose, purpose, "hmb_pricing"]),
+              "period": {"start": "2025-01-01", "end": "2025-12-31"}}
+    request: dict[str, Any] = {
+        "purpose": purpose,
+        "resource": {"dataset": "persons", "datatypes": rng.sample(datatypes, rng.randint(0, 3)),
+                     "fields": SETTLEMENT_FIELDS if action == "persons.settlements" else []},
+        "consent": {"consent_id": "cst-1", "sub": "s", "client_id": rng.choice([org, org,
+                                                                                "ins-999"]),
+                    "jti": "j", "exp": 1, "single_use": False,
+                    "authorization_details": [detail]},
+    }
+    if rng.random() < 0.1:
+        del request["consent"]
+    return request
 FUNCTIONS = ["count_persons", "count", "sum", "mean"]
 REGIONS = ["420100", "420200", "420300", "430100"]
 MISSING = object()  # a member left out
@@ -370,6 +327,28 @@ MUTATIONS: list[tuple[tuple[str, ...], list[Any]]] = [
 ]
 
 
+# Mutations of a person action's request: the verified consent claims (input.consent) and
+# what the request names, missing or of the wrong type.
+CONSENT_MUTATIONS: list[tuple[tuple[str, ...], list[Any]]] = [
+    (("consent",), [MISSING, "cst-1", None, {}]),
+    (("consent", "client_id"), [MISSING, 7, None, "ins-999"]),
+    (
+        ("consent", "authorization_details"),
+        [
+            MISSING, "read", [], [5],
+            [{"purpose": "claims_fast_track"}],
+            [{"purpose": "claims_fast_track", "datatypes": "settlements.summary"}],
+            [{"purpose": "enrollment_check", "datatypes": ["enrollment.status"]}],
+        ],
+    ),
+    (("resource", "datatypes"), [MISSING, "settlements.summary", [5], [],
+                                 ["settlements.amounts", "settlements.amounts"]]),
+    (("resource", "fields"), [MISSING, "setl_date", [], ["dise_codg"], [1]]),
+    (("purpose",), [MISSING, None, 3, "claims_fast_track", "enrollment_check"]),
+    (("subject", "org"), [MISSING, None, 5]),
+]
+
+
 def policy_inputs(rng: random.Random, doc: dict[str, Any], count: int) -> list[dict[str, Any]]:
     grants = list(doc["gateway"]["grants"].values())
     inputs: list[dict[str, Any]] = []
@@ -380,6 +359,8 @@ def policy_inputs(rng: random.Random, doc: dict[str, Any], count: int) -> list[d
             if kind == 0:
                 role = rng.choice([*ROLES, "root"])
                 action = rng.choice([*ACTIONS, "data.export"])
+            elif rng.random() < 0.6:  # more person actions: their consent claims vary most
+                role, action = "insurer", rng.choice(sorted(PERSON_REQUESTS))
             body: dict[str, Any] = {
                 "subject": {"client_id": "c-2", "role": role, "org": rng.choice(INSURERS)},
                 "action": action,
@@ -387,6 +368,12 @@ def policy_inputs(rng: random.Random, doc: dict[str, Any], count: int) -> list[d
                 "resource": {},
                 "time_ns": T0,
             }
+            if action in PERSON_REQUESTS:
+                body.update(_person_request(rng, action, body["subject"]["org"]))
+                # Half keep well-formed claims; half get claims missing or of the wrong type.
+                for path, values in rng.sample(CONSENT_MUTATIONS, rng.choice([0, 0, 1, 2])):
+                    value = rng.choice(values)
+                    _set(body, path, value if value is MISSING else copy.deepcopy(value))
         else:
             live = [g for g in grants if g["grant_id"] in LIVE] or grants
             body = _covering_query(rng, rng.choice(live if rng.random() < 0.8 else grants))
@@ -414,6 +401,7 @@ def _decision_or_error(engine: PolicyEngine, policy_input: dict[str, Any]) -> di
     except PolicyEngineError as error:
         return {"error": str(error)}
     result.pop("engine")
+    result.pop("decision_id")  # OPA's id of its decision; regorus has none
     return result
 
 
@@ -423,6 +411,7 @@ def _decision_or_error(engine: PolicyEngine, policy_input: dict[str, Any]) -> di
 def test_the_corpus_covers_the_cases_and_both_regorus_modes_agree() -> None:
     allowed: set[str] = set()
     reasons: set[str] = set()
+    masked = 0
     embedded = RegorusEngine()
     interpreter = RegorusEngine(mode="interpreter")
     total = 0
@@ -435,6 +424,7 @@ def test_the_corpus_covers_the_cases_and_both_regorus_modes_agree() -> None:
             total += 1
             if decision.allow:
                 allowed.add(str(policy_input.get("action")))
+                masked += bool(decision.obligations and decision.obligations.mask_fields)
             reasons.update(decision.reasons)
     assert total >= 1_000
     assert allowed == set(ACTIONS), allowed
@@ -456,8 +446,16 @@ def test_the_corpus_covers_the_cases_and_both_regorus_modes_agree() -> None:
         r"^field .* is not necessary for purpose ",
         r"^(dimension|measure field|field) .* is not granted$",
         r"^filter on .* must stay within the granted values$",
+        # person actions: the verified consent claims
+        r"^request has no verified consent$",
+        r"^consent was issued to another insurer$",
+        r"^consent does not cover purpose ",
+        r"^purpose .* does not serve persons\.(enrollment|settlements)$",
+        r"^request names no datatype$",
+        r"^datatype .* is not consented$",
     ]:
         assert any(re.search(expected, reason) for reason in reasons), expected
+    assert masked > 0  # allowed person answers with fields withheld (mask_fields)
 
 
 def test_regorus_and_the_opa_server_decide_alike(opa_server: OpaServer) -> None:
@@ -508,40 +506,33 @@ def test_the_opa_engine_refuses_a_server_that_is_not_there() -> None:
         OpaServerEngine(f"http://127.0.0.1:{free_port()}", timeout=0.5)
 
 
-def test_the_opa_engine_fails_closed_on_slow_or_malformed_answers() -> None:
-    answers: list[httpx.Response] = []
+def test_workers_sharing_one_server_never_put_older_grants_back(opa_server: OpaServer) -> None:
+    # Two workers, one OPA: worker a pushes the revocation (grants version 2); worker b, which
+    # read the grants just before it (version 1), pushes late. The revocation stays.
+    grant = {"grant_id": "g-1", "insurer": "ins-001", "purpose": "hmb_pricing",
+             "datasets": ["settlements"], "dimensions": ["gend"], "measures": [],
+             "valid_from_ns": T0 - DAY, "valid_until_ns": T0 + DAY, "revoked": False}
+    query = {"subject": {"client_id": "c-1", "role": "insurer", "org": "ins-001"},
+             "action": "query.aggregate", "purpose": "hmb_pricing", "time_ns": T0,
+             "resource": {"dataset": "settlements", "dimensions": ["gend"],
+                          "measures": [{"fn": "count_persons"}], "filters": {},
+                          "fields": ["gend"]}}
 
-    def handler(request: httpx.Request) -> httpx.Response:
-        if request.method == "PUT":
-            return httpx.Response(200 if "policies" in request.url.path else 204, json={})
-        return answers.pop(0)
+    def data(revoked: bool) -> dict[str, Any]:
+        return {"gateway": {"catalog": CATALOG, "grants": {"g-1": {**grant, "revoked": revoked}}}}
 
-    deny = {"allow": False, "reasons": ["no"], "grant_id": None, "obligations": None}
-    answers.append(httpx.Response(200, json={"result": deny}))
-    engine = OpaServerEngine(policy_dir=policies_dir(), transport=httpx.MockTransport(handler))
-    cases: list[tuple[httpx.Response | Exception, str]] = [
-        (httpx.Response(500, json={"code": "internal_error"}), "HTTP 500"),
-        (httpx.Response(200, json={}), "undefined"),
-        (httpx.Response(200, content=b"not json"), "malformed JSON"),
-        (httpx.Response(200, json=[1]), "malformed JSON"),
-        (httpx.Response(200, json={"result": {"allow": "yes"}}), "malformed"),
-        (httpx.Response(200, json={"result": {**deny, "reasons": []}}), "malformed"),
-    ]
-    for answer, message in cases:
-        assert isinstance(answer, httpx.Response)
-        answers.append(answer)
-        with pytest.raises(PolicyEngineError, match=message):
-            engine.decide({})
-    answers.append(httpx.Response(200, json={"result": deny}))
-    assert engine.decide({}).reasons == ("no",)
-
-    def slow(request: httpx.Request) -> httpx.Response:
-        if request.method == "PUT":
-            return httpx.Response(200, json={})
-        raise httpx.ReadTimeout("slow", request=request)
-
-    with pytest.raises(PolicyEngineError, match="in time"):
-        OpaServerEngine(transport=httpx.MockTransport(slow))
+    worker_a = OpaServerEngine(opa_server.url, data=data(False), timeout=5.0)
+    worker_b = OpaServerEngine(opa_server.url, timeout=5.0)
+    assert worker_a.decide(query).allow
+    worker_a.set_data(data(True), version=2)
+    worker_b.set_data(data(False), version=1)  # late, and older: left out
+    assert worker_b.ready()
+    for worker in (worker_a, worker_b):
+        assert worker.decide(query).reasons == ("grant g-1 was revoked",)
+    worker_b.set_data(data(False), version=3)  # a newer version (e.g. re-granted) does apply
+    assert worker_a.decide(query).allow
+    worker_a.close()
+    worker_b.close()
 
 
 def test_the_opa_binary_is_the_pinned_build() -> None:

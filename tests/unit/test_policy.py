@@ -138,6 +138,12 @@ def echo_policy(directory: Path) -> Path:
 # --- allow, with obligations ----------------------------------------------------------------
 
 
+def disclosure_obligation(k: int) -> dict[str, Any]:
+    """Cross-request disclosure obligations of a grant that sets none (difference k = its
+    minimum cell size; no rounding, budget or noise)."""
+    return {"difference_k": k, "rounding": 1, "budget": None, "dataset_epsilon_cap": 20}
+
+
 def test_allows_a_covered_query_with_the_grants_obligations(engine: RegorusEngine) -> None:
     decision = engine.decide(query())
     assert decision == Decision(
@@ -145,7 +151,8 @@ def test_allows_a_covered_query_with_the_grants_obligations(engine: RegorusEngin
         reasons=(),
         grant_id="g-1",
         # min_cell_size never below the floor (grant 3, floor 5); max_rows never above the cap.
-        obligations=Obligations(min_cell_size=5, max_rows=10_000, mask_fields=(), noise=None),
+        obligations=Obligations(min_cell_size=5, max_rows=10_000, mask_fields=(), noise=None,
+                                disclosure=disclosure_obligation(5)),
         policy_version=engine.version,
         engine="regorus",
     )
@@ -154,7 +161,8 @@ def test_allows_a_covered_query_with_the_grants_obligations(engine: RegorusEngin
 @pytest.mark.parametrize("mode", MODES)
 def test_obligations_take_the_stricter_grant(mode: str) -> None:
     strict = RegorusEngine(mode=mode, data=data(grant(min_cell_size=20, max_rows=500)))
-    assert strict.decide(query()).obligations == Obligations(min_cell_size=20, max_rows=500)
+    assert strict.decide(query()).obligations == Obligations(
+        min_cell_size=20, max_rows=500, disclosure=disclosure_obligation(20))
 
 
 @pytest.mark.parametrize(
@@ -250,8 +258,11 @@ def test_decision_to_json(engine: RegorusEngine) -> None:
     document = engine.decide(query()).to_json()
     assert json.loads(json.dumps(document)) == {
         "allow": True, "reasons": [], "grant_id": "g-1",
-        "obligations": {"min_cell_size": 5, "max_rows": 10_000, "mask_fields": [], "noise": None},
+        "obligations": {"min_cell_size": 5, "max_rows": 10_000, "mask_fields": [], "noise": None,
+                        "disclosure": disclosure_obligation(5)},
         "policy_version": engine.version, "engine": "regorus",
+        # Without a bundle the revision is the policy digest; regorus has no decision id.
+        "bundle_revision": engine.version, "decision_id": None,
     }
 
 

@@ -14,17 +14,22 @@ router = APIRouter(tags=["health"])
 
 @router.get("/healthz")
 def healthz() -> dict[str, str]:
+    """Liveness only: the process answers. Never touches the policy engine or the stores, so
+    an OPA or database outage does not get the gateway restarted."""
     return {"status": "ok"}
 
 
 @router.get("/readyz")
 def readyz(gateway: GatewayDep) -> Json:
+    """Readiness: the policy engine (for OPA, a live probe of the server and of the data it
+    holds), the query store and the state store. 503 with the failing checks named."""
     checks = gateway.readiness()
     ready = all(checks.values())
-    return Json(
-        {"status": "ready" if ready else "not_ready", "checks": checks},
-        status_code=200 if ready else 503,
-    )
+    body: dict[str, object] = {"status": "ready" if ready else "not_ready", "checks": checks}
+    if not ready:
+        failing = ", ".join(name for name, ok in checks.items() if not ok)
+        body["error"] = {"code": "not_ready", "message": f"not ready: {failing}"}
+    return Json(body, status_code=200 if ready else 503)
 
 
 @router.get("/metrics")
