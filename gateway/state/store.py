@@ -2,9 +2,16 @@
 :class:`gateway.state.consents.ConsentStatements`) consents, consumed consent and DPoP ``jti``
 and the consent key registry.
 
-The algorithm lives once in :class:`StateStore`; a backend supplies a DB-API connection and
-its parameter style. SQLite is the embedded default (WAL); PostgreSQL comes later through the
-same statements.
+The algorithm lives once in :class:`StateStore`, as literal statements in SQLite's ``?``
+parameter style; a backend opens transactions and hands out a :class:`Cursor` that adapts the
+statements to its driver (:class:`SqliteStateStore` here, ``PostgresStateStore`` in
+:mod:`gateway.state.postgres`). The schema is versioned in :mod:`gateway.state.migrations`.
+
+Concurrency contract, the same on both backends: a ``write`` transaction excludes every other
+write transaction on the database (SQLite's ``BEGIN IMMEDIATE``, a PostgreSQL advisory lock),
+so a read-then-write inside one is atomic across threads and processes; reads see what was
+committed before they started. Driver errors surface as :class:`StoreUnavailable` (fail closed:
+503), constraint violations as :class:`IntegrityViolation` (409).
 """
 
 from __future__ import annotations
@@ -14,59 +21,56 @@ import sqlite3
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-from gateway.errors import Conflict, NotFound, StoreUnavailable
+from gateway.errors import (
+    Conflict,
+    IntegrityViolation,
+    NotFound,
+    StoreUnavailable,
+    ValidationFailed,
+)
+from gateway.state.budgets import DisclosureStatements
 from gateway.state.consents import (
-    CONSENT_SCHEMA,
     ConsentStatements,
     StoredConsent,
     StoredConsentKey,
 )
+from gateway.state.migrations import (
+    MIGRATIONS,
+    SCHEMA_MIGRATIONS,
+    Dialect,
+    Migration,
+    statement_for,
+)
 
 __all__ = [
     "ClientRecord",
+    "Cursor",
     "GrantRecord",
     "SqliteStateStore",
     "StateStore",
     "StoredConsent",
     "StoredConsentKey",
+    "open_state_store",
 ]
 
-_SCHEMA = (
-    """CREATE TABLE IF NOT EXISTS clients (
-        client_id TEXT PRIMARY KEY,
-        role TEXT NOT NULL,
-        org TEXT,
-        public_key_pem TEXT NOT NULL,
-        alg TEXT NOT NULL,
-        created_at_ns INTEGER NOT NULL,
-        disabled INTEGER NOT NULL DEFAULT 0)""",
-    """CREATE TABLE IF NOT EXISTS grants (
-        grant_id TEXT PRIMARY KEY,
-        insurer TEXT NOT NULL,
-        purpose TEXT NOT NULL,
-        body TEXT NOT NULL,
-        valid_from_ns INTEGER NOT NULL,
-        valid_until_ns INTEGER NOT NULL,
-        revoked_at_ns INTEGER,
-        created_by TEXT NOT NULL,
-        created_at_ns INTEGER NOT NULL)""",
-    "CREATE INDEX IF NOT EXISTS grants_insurer ON grants (insurer, purpose)",
-    """CREATE TABLE IF NOT EXISTS spent_jti (
-        jti TEXT PRIMARY KEY,
-        client_id TEXT NOT NULL,
-        expires_ns INTEGER NOT NULL)""",
-    "CREATE INDEX IF NOT EXISTS spent_jti_expiry ON spent_jti (expires_ns)",
-    """CREATE TABLE IF NOT EXISTS state_versions (
-        name TEXT PRIMARY KEY,
-        version INTEGER NOT NULL)""",
-    *CONSENT_SCHEMA,
-)
+
+class Cursor(Protocol):
+    """What the statements use of a DB-API cursor; ``execute`` takes ``?`` placeholders."""
+
+    @property
+    def rowcount(self) -> int: ...
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> Any: ...
+
+    def fetchone(self) -> Any: ...
+
+    def fetchall(self) -> list[Any]: ...
 
 
 @dataclass(frozen=True)
@@ -92,26 +96,66 @@ class GrantRecord:
     created_at_ns: int
 
 
-class StateStore(ConsentStatements, ABC):
+class StateStore(ConsentStatements, DisclosureStatements, ABC):
     """State operations over a DB-API connection; subclasses open it."""
 
     @abstractmethod
     def _tx(self, *, write: bool = False) -> AbstractContextManager[Any]:
-        """A cursor inside one transaction (a write lock when ``write``), committed on
-        success, rolled back on error; backend errors surface as StoreUnavailable."""
+        """A :class:`Cursor` inside one transaction (the database's write lock when
+        ``write``), committed on success, rolled back on error; backend errors surface as
+        StoreUnavailable, constraint violations as IntegrityViolation."""
+
+    # -- schema ------------------------------------------------------------------------
+    dialect: Dialect
+
+    def _migrate(self, migrations: Sequence[Migration] = MIGRATIONS) -> int:
+        """Apply the migrations this database lacks, under the write lock (several workers may
+        start at once; each migration runs once). Returns the schema version."""
+        with self._tx(write=True) as cur:
+            cur.execute(SCHEMA_MIGRATIONS)
+            cur.execute("SELECT version FROM schema_migrations")
+            done = {int(r[0]) for r in cur.fetchall()}
+            for migration in migrations:
+                if migration.version in done:
+                    continue
+                for statement in migration.statements:
+                    cur.execute(statement_for(statement, self.dialect))
+                cur.execute(
+                    "INSERT INTO schema_migrations (version, name, applied_at_ns) "
+                    "VALUES (?, ?, ?)",
+                    (migration.version, migration.name, time.time_ns()),
+                )
+                done.add(migration.version)
+        return max(done, default=0)
+
+    def schema_version(self) -> int:
+        with self._tx() as cur:
+            cur.execute("SELECT MAX(version) FROM schema_migrations")
+            row = cur.fetchone()
+        return int(row[0]) if row and row[0] is not None else 0
+
+    def ready(self) -> bool:
+        try:
+            self.version("grants")
+        except StoreUnavailable:
+            return False
+        return True
+
+    def close(self) -> None:
+        """Release connections (a no-op where there is nothing to release)."""
 
     # -- clients -----------------------------------------------------------------------
     def add_client(self, client: ClientRecord) -> None:
         with self._tx(write=True) as cur:
-            try:
-                cur.execute(
-                    "INSERT INTO clients (client_id, role, org, public_key_pem, alg, "
-                    "created_at_ns, disabled) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (client.client_id, client.role, client.org, client.public_key_pem,
-                     client.alg, time.time_ns(), int(client.disabled)),
-                )
-            except sqlite3.IntegrityError as exc:
-                raise Conflict(f"client {client.client_id} already exists") from exc
+            cur.execute(
+                "INSERT INTO clients (client_id, role, org, public_key_pem, alg, "
+                "created_at_ns, disabled) VALUES (?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (client_id) DO NOTHING",
+                (client.client_id, client.role, client.org, client.public_key_pem,
+                 client.alg, time.time_ns(), int(client.disabled)),
+            )
+            if cur.rowcount != 1:
+                raise Conflict(f"client {client.client_id} already exists")
 
     def get_client(self, client_id: str) -> ClientRecord | None:
         with self._tx() as cur:
@@ -137,18 +181,17 @@ class StateStore(ConsentStatements, ABC):
     # -- grants ------------------------------------------------------------------------
     def add_grant(self, grant: GrantRecord) -> None:
         with self._tx(write=True) as cur:
-            try:
-                cur.execute(
-                    "INSERT INTO grants (grant_id, insurer, purpose, body, valid_from_ns, "
-                    "valid_until_ns, revoked_at_ns, created_by, created_at_ns) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (grant.grant_id, grant.insurer, grant.purpose,
-                     json.dumps(grant.body, ensure_ascii=False, sort_keys=True),
-                     grant.valid_from_ns, grant.valid_until_ns, grant.revoked_at_ns,
-                     grant.created_by, grant.created_at_ns),
-                )
-            except sqlite3.IntegrityError as exc:
-                raise Conflict(f"grant {grant.grant_id} already exists") from exc
+            cur.execute(
+                "INSERT INTO grants (grant_id, insurer, purpose, body, valid_from_ns, "
+                "valid_until_ns, revoked_at_ns, created_by, created_at_ns) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (grant_id) DO NOTHING",
+                (grant.grant_id, grant.insurer, grant.purpose,
+                 json.dumps(grant.body, ensure_ascii=False, sort_keys=True),
+                 grant.valid_from_ns, grant.valid_until_ns, grant.revoked_at_ns,
+                 grant.created_by, grant.created_at_ns),
+            )
+            if cur.rowcount != 1:
+                raise Conflict(f"grant {grant.grant_id} already exists")
             self._bump(cur, "grants")
 
     def revoke_grant(self, grant_id: str, now_ns: int) -> GrantRecord:
@@ -203,19 +246,48 @@ class StateStore(ConsentStatements, ABC):
     def _bump(cur: Any, name: str) -> None:
         cur.execute(
             "INSERT INTO state_versions (name, version) VALUES (?, 1) "
-            "ON CONFLICT(name) DO UPDATE SET version = version + 1",
+            "ON CONFLICT (name) DO UPDATE SET version = state_versions.version + 1",
             (name,),
         )
 
 
+class _SqliteCursor:
+    """sqlite3 already speaks ``?``; this only maps its errors to the gateway's."""
+
+    __slots__ = ("_cur",)
+
+    def __init__(self, cur: sqlite3.Cursor) -> None:
+        self._cur = cur
+
+    @property
+    def rowcount(self) -> int:
+        return self._cur.rowcount
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> None:
+        try:
+            self._cur.execute(sql, params)
+        except sqlite3.IntegrityError as exc:
+            raise IntegrityViolation("state change refused by a constraint") from exc
+        except sqlite3.Error as exc:
+            raise StoreUnavailable("state store unavailable") from exc
+
+    def fetchone(self) -> Any:
+        return self._cur.fetchone()
+
+    def fetchall(self) -> list[Any]:
+        return self._cur.fetchall()
+
+
 class SqliteStateStore(StateStore):
+    """The embedded default: one SQLite file in WAL mode, a connection per thread."""
+
+    dialect: Dialect = "sqlite"
+
     def __init__(self, path: Path) -> None:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
-        with self._tx(write=True) as cur:
-            for statement in _SCHEMA:
-                cur.execute(statement)
+        self._migrate()
 
     def _conn(self) -> sqlite3.Connection:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
@@ -231,7 +303,7 @@ class SqliteStateStore(StateStore):
         return conn
 
     @contextmanager
-    def _tx(self, *, write: bool = False) -> Iterator[sqlite3.Cursor]:
+    def _tx(self, *, write: bool = False) -> Iterator[Cursor]:
         try:
             conn = self._conn()
             cur = conn.cursor()
@@ -239,13 +311,7 @@ class SqliteStateStore(StateStore):
         except sqlite3.Error as exc:
             raise StoreUnavailable("state store unavailable") from exc
         try:
-            yield cur
-        except sqlite3.IntegrityError:
-            conn.rollback()
-            raise
-        except sqlite3.Error as exc:
-            conn.rollback()
-            raise StoreUnavailable("state store unavailable") from exc
+            yield _SqliteCursor(cur)
         except BaseException:
             conn.rollback()
             raise
@@ -255,9 +321,14 @@ class SqliteStateStore(StateStore):
             conn.rollback()
             raise StoreUnavailable("state store unavailable") from exc
 
-    def ready(self) -> bool:
-        try:
-            self.version("grants")
-        except StoreUnavailable:
-            return False
-        return True
+
+def open_state_store(url: str | None, sqlite_path: Path) -> StateStore:
+    """The state store a deployment configured: PostgreSQL for a ``postgresql://`` URL, else
+    the SQLite file ``sqlite_path``."""
+    if url is None:
+        return SqliteStateStore(sqlite_path)
+    if url.startswith(("postgresql://", "postgres://")):
+        from gateway.state.postgres import PostgresStateStore
+
+        return PostgresStateStore(url)
+    raise ValidationFailed("state_url must be a postgresql:// URL")

@@ -2,30 +2,44 @@
 
 Each test takes the ``backend`` fixture: a picklable :class:`BackendSpec` that :func:`open_store`
 turns into a fresh store object, so a test can open a second object on the same database (the
-view of another worker process) and spawned processes can open their own. Only SQLite exists
-now; a PostgreSQL backend adds a ``params`` entry and a branch in :func:`open_store`.
+view of another worker process) and spawned processes can open their own. Every test runs on
+SQLite and on a real PostgreSQL server (``tests/postgres.py``), each in a fresh database.
 """
 
 from __future__ import annotations
 
 import functools
 import multiprocessing
+import os
+import socket
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from gateway.consent import ConsentRecord, ConsentState, jwk_thumbprint, public_jwk
-from gateway.errors import Conflict, NotFound, ValidationFailed
+from gateway.errors import (
+    BudgetExhausted,
+    Conflict,
+    IntegrityViolation,
+    NotFound,
+    StoreUnavailable,
+    ValidationFailed,
+)
+from gateway.state.budgets import BudgetCharge
 from gateway.state.consents import datetime_to_ns
+from gateway.state.migrations import MIGRATIONS, Migration, statement_for
+from gateway.state.postgres import PostgresStateStore
 from gateway.state.store import ClientRecord, GrantRecord, SqliteStateStore, StateStore
 
-BACKENDS = ["sqlite"]
+BACKENDS = ["sqlite", "postgresql"]
 T0 = datetime(2026, 3, 1, 8, 0, tzinfo=UTC)
 NS = 1_000_000_000
 T0_NS = datetime_to_ns(T0)
@@ -41,10 +55,27 @@ class BackendSpec:
     location: str
 
 
+_OPENED: list[StateStore] = []
+
+
 def open_store(spec: BackendSpec) -> StateStore:
+    opened: StateStore
     if spec.kind == "sqlite":
-        return SqliteStateStore(Path(spec.location))
-    raise AssertionError(f"unknown backend {spec.kind}")
+        opened = SqliteStateStore(Path(spec.location))
+    elif spec.kind == "postgresql":
+        opened = PostgresStateStore(spec.location, max_size=4)
+    else:
+        raise AssertionError(f"unknown backend {spec.kind}")
+    _OPENED.append(opened)
+    return opened
+
+
+@pytest.fixture(autouse=True)
+def _close_stores() -> Iterator[None]:
+    """Close every store a test opened (PostgreSQL pools) before its database is dropped."""
+    yield
+    while _OPENED:
+        _OPENED.pop().close()
 
 
 @pytest.fixture(params=BACKENDS)
@@ -52,6 +83,8 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> BackendSpec:
     kind = str(request.param)
     if kind == "sqlite":
         return BackendSpec(kind, str(tmp_path / "state.sqlite3"))
+    if kind == "postgresql":
+        return BackendSpec(kind, str(request.getfixturevalue("postgres_url")))
     raise AssertionError(f"unknown backend {kind}")
 
 
@@ -105,17 +138,51 @@ def _race(calls: list[Callable[[], bool]]) -> list[bool]:
     return [bool(r) for r in results]
 
 
-# -- spawned workers (top level, so spawn can import them) --------------------------------------
+# -- other processes: one spawned pool of PROCESSES workers for the whole session ------------
+# Spawning and importing costs seconds per process, so the races reuse the same four processes;
+# each task opens its own store (its own connection) and closes it before returning.
 
 
-def _consume_in_process(spec: BackendSpec, barrier: Any, results: Any, jti: str) -> None:
-    own = open_store(spec)  # this process's own store object and connection
-    barrier.wait()
-    results.put(own.consume_consent_jti(jti, "consent-0001", T0_NS + 600 * NS, T0_NS))
+@dataclass
+class Workers:
+    pool: ProcessPoolExecutor
+    manager: Any
+
+    def race(self, fn: Callable[..., Any], spec: BackendSpec, *args: Any) -> list[Any]:
+        """``fn(store, *args)`` in every worker process at once (released by one barrier)."""
+        barrier = self.manager.Barrier(PROCESSES)
+        futures = [self.pool.submit(_in_worker, fn, spec, barrier, *args)
+                   for _ in range(PROCESSES)]
+        return [f.result(timeout=120) for f in futures]
+
+    def run(self, fn: Callable[..., Any], spec: BackendSpec, *args: Any) -> Any:
+        return self.pool.submit(_in_worker, fn, spec, None, *args).result(timeout=120)
 
 
-def _revoke_in_process(spec: BackendSpec, consent_id: str) -> None:
-    open_store(spec).revoke_consent(consent_id, "psn:aaaa", T0_NS + 5 * NS)
+def _in_worker(fn: Callable[..., Any], spec: BackendSpec, barrier: Any, *args: Any) -> Any:
+    if barrier is not None:
+        barrier.wait(timeout=60)
+    own = open_store(spec)
+    try:
+        return fn(own, *args)
+    finally:
+        _OPENED.remove(own)
+        own.close()
+
+
+@pytest.fixture(scope="session")
+def workers() -> Iterator[Workers]:
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Manager() as manager, ProcessPoolExecutor(PROCESSES, mp_context=ctx) as pool:
+        yield Workers(pool, manager)
+
+
+def _consume(own: StateStore, jti: str) -> bool:
+    return own.consume_consent_jti(jti, "consent-0001", T0_NS + 600 * NS, T0_NS)
+
+
+def _revoke(own: StateStore, consent_id: str) -> None:
+    own.revoke_consent(consent_id, "psn:aaaa", T0_NS + 5 * NS)
 
 
 # -- consents ---------------------------------------------------------------------------------
@@ -210,15 +277,13 @@ def test_revocation_is_seen_by_another_store_on_its_next_call(backend: BackendSp
     assert got.record.state is ConsentState.REVOKED
 
 
-def test_revocation_in_another_process_is_seen_on_the_next_call(backend: BackendSpec) -> None:
+def test_revocation_in_another_process_is_seen_on_the_next_call(
+    backend: BackendSpec, workers: Workers,
+) -> None:
     here = open_store(backend)
     here.add_consent(consent())
     assert here.is_consent_live("consent-0001", T0_NS + 10 * NS)
-    ctx = multiprocessing.get_context("spawn")
-    proc = ctx.Process(target=_revoke_in_process, args=(backend, "consent-0001"))
-    proc.start()
-    proc.join(timeout=60)
-    assert proc.exitcode == 0
+    workers.run(_revoke, backend, "consent-0001")
     assert not here.is_consent_live("consent-0001", T0_NS + 10 * NS)
 
 
@@ -278,19 +343,11 @@ def test_consume_consent_jti_from_16_threads_with_own_stores_one_wins(
     assert results.count(True) == 1
 
 
-def test_consume_consent_jti_from_4_processes_one_wins(backend: BackendSpec) -> None:
+def test_consume_consent_jti_from_4_processes_one_wins(
+    backend: BackendSpec, workers: Workers,
+) -> None:
     open_store(backend)  # the schema exists before the race
-    ctx = multiprocessing.get_context("spawn")
-    barrier = ctx.Barrier(PROCESSES)
-    results = ctx.Queue()
-    procs = [ctx.Process(target=_consume_in_process, args=(backend, barrier, results, "jti-p"))
-             for _ in range(PROCESSES)]
-    for p in procs:
-        p.start()
-    outcomes = [results.get(timeout=60) for _ in procs]
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
+    outcomes = workers.race(_consume, backend, "jti-p")
     assert outcomes.count(True) == 1
     assert outcomes.count(False) == PROCESSES - 1
 
@@ -351,6 +408,33 @@ def test_dpop_jti_from_16_threads_one_wins(store: StateStore) -> None:
     results = _race([
         lambda: store.spend_dpop_jti("t-insurer", "proof-race", expires, T0_NS)
     ] * THREADS)
+    assert results.count(True) == 1
+
+
+def test_replay_store_under_concurrent_purges(backend: BackendSpec) -> None:
+    stores = [open_store(backend) for _ in range(THREADS)]
+    for i in range(200):  # remembered proofs that expire at T0 + 1 s
+        assert stores[0].spend_dpop_jti("t-insurer", f"old-{i}", T0_NS + NS, T0_NS)
+    later = T0_NS + 2 * NS  # every racer purges, and every racer inserts fresh proofs
+
+    def spend_many(s: StateStore, worker: int) -> bool:
+        return all(s.spend_dpop_jti("t-insurer", f"new-{worker}-{i}", later + 60 * NS, later)
+                   for i in range(20))
+
+    assert _race([functools.partial(spend_many, s, w) for w, s in enumerate(stores)]) == [
+        True] * THREADS
+    assert _rows(stores[0], "dpop_jti") == 20 * THREADS
+
+
+def test_an_expired_key_raced_by_16_stores_is_taken_once(backend: BackendSpec) -> None:
+    stores = [open_store(backend) for _ in range(THREADS)]
+    assert stores[0].consume_consent_jti("jti-again", "consent-0001", T0_NS + NS, T0_NS)
+    later = T0_NS + 2 * NS  # expired: purged by whoever purges, then reusable exactly once
+    results = _race([
+        functools.partial(s.consume_consent_jti, "jti-again", "consent-0001",
+                          later + 600 * NS, later)
+        for s in stores
+    ])
     assert results.count(True) == 1
 
 
@@ -478,5 +562,181 @@ def test_reopening_keeps_everything(backend: BackendSpec) -> None:
     assert again.version("consents") == 1
 
 
-def test_sqlite_store_is_ready(tmp_path: Path) -> None:
-    assert SqliteStateStore(tmp_path / "s.sqlite3").ready()
+def test_store_is_ready(store: StateStore) -> None:
+    assert store.ready()
+
+
+# -- migrations -------------------------------------------------------------------------------
+
+
+def _migration_rows(store: StateStore) -> list[tuple[int, str]]:
+    with store._tx() as cur:
+        cur.execute("SELECT version, name FROM schema_migrations ORDER BY version")
+        return [(int(r[0]), str(r[1])) for r in cur.fetchall()]
+
+
+def test_a_fresh_database_gets_every_migration_once(backend: BackendSpec) -> None:
+    first = open_store(backend)
+    want = [(m.version, m.name) for m in MIGRATIONS]
+    assert _migration_rows(first) == want
+    assert first.schema_version() == MIGRATIONS[-1].version
+    open_store(backend)  # a second process starting later applies nothing
+    assert _migration_rows(first) == want
+
+
+def test_a_per_dialect_statement_runs_in_its_dialect(store: StateStore) -> None:
+    extra = Migration(1000, "binary column", (
+        {"sqlite": "CREATE TABLE t_bin (k TEXT PRIMARY KEY, b BLOB NOT NULL)",
+         "postgresql": "CREATE TABLE t_bin (k TEXT PRIMARY KEY, b BYTEA NOT NULL)"},
+    ))
+    assert store._migrate((*MIGRATIONS, extra)) == 1000
+    with store._tx(write=True) as cur:
+        cur.execute("INSERT INTO t_bin (k, b) VALUES (?, ?)", ("x", b"\x00\xff"))
+    with store._tx() as cur:
+        cur.execute("SELECT b FROM t_bin WHERE k = ?", ("x",))
+        assert bytes(cur.fetchone()[0]) == b"\x00\xff"
+    with pytest.raises(ValueError, match="spelling"):
+        statement_for({"sqlite": "CREATE TABLE t (b BLOB)"}, "postgresql")
+
+
+def test_a_failing_migration_leaves_no_trace(store: StateStore) -> None:
+    broken = Migration(1001, "broken", ("CREATE TABLE t_half (k TEXT)", "NOT SQL AT ALL"))
+    with pytest.raises(StoreUnavailable):
+        store._migrate((*MIGRATIONS, broken))
+    assert store.schema_version() == MIGRATIONS[-1].version
+    with pytest.raises(StoreUnavailable), store._tx() as cur:
+        cur.execute("SELECT COUNT(*) FROM t_half")  # rolled back with the migration
+
+
+def _schema_version(own: StateStore) -> int:
+    return own.schema_version()
+
+
+def test_workers_starting_together_migrate_once(backend: BackendSpec, workers: Workers) -> None:
+    # Each worker opens the fresh database at the same moment: all migrate, each step once.
+    assert workers.race(_schema_version, backend) == [MIGRATIONS[-1].version] * PROCESSES
+    assert _migration_rows(open_store(backend)) == [(m.version, m.name) for m in MIGRATIONS]
+
+
+# -- portability of statements and errors -----------------------------------------------------
+
+
+def test_placeholders_are_translated_outside_literals_only(store: StateStore) -> None:
+    with store._tx() as cur:
+        cur.execute("SELECT 'a?%', ?, 'b''?'", (5,))
+        assert tuple(cur.fetchone()) == ("a?%", 5, "b'?")
+
+
+def test_a_constraint_violation_is_an_integrity_violation(store: StateStore) -> None:
+    with pytest.raises(IntegrityViolation), store._tx(write=True) as cur:
+        cur.execute("INSERT INTO clients (client_id) VALUES (?)", ("t-half",))
+    assert store.get_client("t-half") is None
+    store.add_client(ClientRecord("t-whole", "admin", None, "PEM", "EdDSA"))  # usable again
+
+
+def test_an_unreachable_store_is_unavailable(backend: BackendSpec, tmp_path: Path) -> None:
+    if backend.kind == "sqlite":
+        (tmp_path / "a-directory").mkdir()
+        with pytest.raises(StoreUnavailable):
+            SqliteStateStore(tmp_path / "a-directory")
+        return
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(StoreUnavailable):
+        PostgresStateStore(f"postgresql://gateway@127.0.0.1:{port}/gateway", timeout=1)
+
+
+def test_a_lost_postgres_connection_fails_closed_then_recovers(postgres_url: str) -> None:
+    state = PostgresStateStore(postgres_url, min_size=1, max_size=1)
+    _OPENED.append(state)
+    state.add_consent(consent())
+    with psycopg.connect(postgres_url, autocommit=True) as admin:
+        admin.execute("SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity "
+                      "WHERE datname = current_database() AND pid <> pg_backend_pid()")
+    with pytest.raises(StoreUnavailable):
+        state.is_consent_live("consent-0001", T0_NS)
+    assert state.is_consent_live("consent-0001", T0_NS)  # the pool replaced the connection
+
+
+# -- concurrent writers -----------------------------------------------------------------------
+
+
+def test_revoking_a_grant_from_16_stores_at_once_succeeds_once(backend: BackendSpec) -> None:
+    stores = [open_store(backend) for _ in range(THREADS)]
+    stores[0].add_grant(GrantRecord("g-1", "ins-a", "hmb_pricing", {}, 0, 10, None, "t", 1))
+
+    def revoke(s: StateStore) -> bool:
+        try:
+            s.revoke_grant("g-1", 5)
+        except Conflict:
+            return False
+        return True
+
+    results = _race([functools.partial(revoke, s) for s in stores])
+    assert results.count(True) == 1
+    assert stores[0].version("grants") == 2
+
+
+def _add_grants(own: StateStore) -> None:
+    worker = os.getpid()
+    for i in range(10):
+        own.add_grant(GrantRecord(f"g-{worker}-{i}", "ins-a", "hmb_pricing", {}, 0, 10, None,
+                                  "t", i))
+
+
+def _save_key(own: StateStore) -> str | None:
+    kid, jwk = _jwk(9)
+    return own.save_consent_key(kid, "pending", jwk, now_ns=1)
+
+
+def test_change_counters_count_every_write_from_4_processes(
+    backend: BackendSpec, workers: Workers,
+) -> None:
+    open_store(backend)
+    workers.race(_add_grants, backend)
+    state = open_store(backend)
+    assert state.version("grants") == 10 * PROCESSES
+    assert len(state.list_grants()) == 10 * PROCESSES
+
+
+def test_workers_registering_one_consent_key_at_once_insert_it_once(
+    backend: BackendSpec, workers: Workers,
+) -> None:
+    open_store(backend)
+    outcomes = workers.race(_save_key, backend)
+    assert sorted(outcomes, key=str) == [None] + ["pending"] * (PROCESSES - 1)
+    assert open_store(backend).version("consent_keys") == 1
+
+
+# -- privacy budgets: concurrent charges never overspend ---------------------------------------
+
+
+def _charge(own: StateStore, key: str) -> bool:
+    charge = BudgetCharge("ins-a/hmb_pricing", "2026-03", 250_000, 3 * 250_000)
+    try:
+        own.spend_and_store({key: 1}, [charge], now_ns=T0_NS)
+    except BudgetExhausted:
+        return False
+    return True
+
+
+def test_budget_charges_from_16_stores_at_once_never_overspend(backend: BackendSpec) -> None:
+    stores = [open_store(backend) for _ in range(THREADS)]
+    results = _race([functools.partial(_charge, s, f"answer-{i}") for i, s in enumerate(stores)])
+    assert results.count(True) == 3
+    assert stores[0].budget_spent("ins-a/hmb_pricing", "2026-03") == 3 * 250_000
+
+
+def test_budget_charges_from_4_processes_at_once_never_overspend(
+    backend: BackendSpec, workers: Workers,
+) -> None:
+    state = open_store(backend)
+    assert _charge(state, "answer-first")  # 2 of the 3 charges left for 4 racers
+    outcomes = workers.race(_charge_own_key, backend)
+    assert outcomes.count(True) == 2
+    assert state.budget_spent("ins-a/hmb_pricing", "2026-03") == 3 * 250_000
+
+
+def _charge_own_key(own: StateStore) -> bool:
+    return _charge(own, f"answer-{os.getpid()}")
