@@ -10,7 +10,7 @@ from fastapi import FastAPI
 from gateway import __version__
 from gateway.api.errors import install_error_handlers
 from gateway.api.metrics import MetricsMiddleware
-from gateway.api.routes import audit, consents, health, oauth, pricing, v1
+from gateway.api.routes import audit, consents, health, oauth, pricing, subjects, v1
 from gateway.service.gateway import Gateway
 from gateway.service.monitoring import Monitor
 
@@ -46,6 +46,7 @@ def create_app(gateway: Gateway) -> FastAPI:
     app.include_router(audit.router)
     app.include_router(pricing.router)
     app.include_router(consents.router)
+    app.include_router(subjects.router)
 
     app.add_middleware(MetricsMiddleware)
     return app

@@ -14,14 +14,16 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from gateway.auth.keys import load_or_create_private_key
+from gateway.auth.keys import load_or_create_private_key, public_key_pem
 from gateway.auth.tokens import Principal
 from gateway.cli.clients import register_client
+from gateway.consent.keys import jwk_thumbprint, public_jwk
 from gateway.ingest.pseudonym import load_or_create_key
+from gateway.service.consents import IDENTITY_PUBLIC_KEY_FILE, LOOKUP_KEY_FILE
 from gateway.settings import Settings
 from gateway.state.store import SqliteStateStore
 
-__all__ = ["DEMO_CLIENTS", "prepare_demo", "run_demo"]
+__all__ = ["DEMO_CLIENTS", "mint_subject_token", "prepare_demo", "run_demo"]
 
 # role key in credentials.json -> (client id, role, org, alg)
 DEMO_CLIENTS: dict[str, tuple[str, str, str | None, str]] = {
@@ -64,10 +66,15 @@ def prepare_demo(*, persons: int, seed: int, port: int, workdir: Path) -> dict[s
     key = load_or_create_key(settings.pseudonym_key_path)
     load_or_create_private_key(settings.consent_key_path, "EdDSA")
     load_or_create_key(settings.consent_pairwise_key_path)
+    # The consent service's certno lookup key, and a stand-in for the agency's identity
+    # service: its private key under idp/ (the gateway reads only the public half).
+    lookup_key = load_or_create_key(settings.keys_dir / LOOKUP_KEY_FILE)
+    idp_key = load_or_create_private_key(workdir / "idp" / "identity-service.pem", "EdDSA")
+    (settings.keys_dir / IDENTITY_PUBLIC_KEY_FILE).write_text(public_key_pem(idp_key), "ascii")
 
     raw = workdir / "raw"
     marker = raw / "city.json"
-    wanted = {"persons": persons, "seed": seed}
+    wanted = {"persons": persons, "seed": seed, "certno_lookup": True}
     city_changed = not marker.exists() or json.loads(marker.read_text()) != wanted
     if city_changed:
         _say(f"[1/4] generating a synthetic city of {persons:,} persons (seed {seed})")
@@ -82,7 +89,7 @@ def prepare_demo(*, persons: int, seed: int, port: int, workdir: Path) -> dict[s
     if city_changed or layout.current_version() is None:
         _say("[2/4] de-identifying and loading into DuckDB")
         report = ingest(raw / "persons.parquet", raw / "settlements.parquet",
-                        store_dir=settings.store_dir, key=key,
+                        store_dir=settings.store_dir, key=key, lookup_key=lookup_key,
                         progress=lambda step: _say(f"      · {step}"))
         _say(f"      version {report.data_version}: {report.settlements:,} settlements in "
              f"{report.seconds:.1f} s ({report.settlement_rows_per_s:,.0f} rows/s)")
@@ -102,6 +109,12 @@ def prepare_demo(*, persons: int, seed: int, port: int, workdir: Path) -> dict[s
                             key_path=key_path)
         clients[name] = {"client_id": client_id, "role": role, "org": org,
                          "private_key_path": str(key_path), "alg": alg}
+        if role == "insurer":
+            # The insurer's DPoP key (RFC 9449): consents are bound to its thumbprint.
+            dpop_path = settings.workdir / "clients" / f"{client_id}-dpop.pem"
+            dpop = load_or_create_private_key(dpop_path, "EdDSA")
+            clients[name]["dpop_key_path"] = str(dpop_path)
+            clients[name]["dpop_jkt"] = jwk_thumbprint(public_jwk(dpop.public_key()))
     now_ns = time.time_ns()
     live = [g for g in state.list_grants("ins-hmb-001")
             if g.revoked_at_ns is None and g.valid_until_ns > now_ns]
@@ -119,12 +132,44 @@ def prepare_demo(*, persons: int, seed: int, port: int, workdir: Path) -> dict[s
         finally:
             gateway.audit.close()
     credentials = {"base_url": settings.base_url, "token_url": settings.token_url,
-                   "clients": clients}
+                   "clients": clients, "persons": _sample_persons(raw / "persons.parquet",
+                                                                  workdir)}
     cred_path = workdir / "credentials.json"
     fd = os.open(cred_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w", encoding="utf-8") as fh:
         json.dump(credentials, fh, ensure_ascii=False, indent=2)
     return credentials
+
+
+def _sample_persons(persons_file: Path, workdir: Path, count: int = 3) -> list[dict[str, Any]]:
+    """A few enrolled synthetic persons, named by 身份证号 as the agency would, with the command
+    that signs them in (subject role)."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(persons_file, columns=["certno", "insu_end_date"])
+    enrolled = table.filter(pc.is_null(table.column("insu_end_date"))).slice(0, count)
+    return [{"certno": certno,
+             "subject_token": f"gateway token subject {certno} --workdir {workdir}"}
+            for certno in enrolled.column("certno").to_pylist()]
+
+
+def mint_subject_token(workdir: Path, certno: str, *, lifetime_s: int = 900) -> str:
+    """What the agency's identity service would sign for this person (demo only)."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from gateway.auth.keys import load_private_key
+    from gateway.auth.subjects import issue_subject_token
+    from gateway.consent.lookup import certno_lookup
+
+    settings = Settings(workdir=workdir.resolve())
+    key = load_private_key(workdir / "idp" / "identity-service.pem")
+    if not isinstance(key, Ed25519PrivateKey):
+        raise SystemExit("the demo identity service key must be Ed25519")
+    lookup_key = load_or_create_key(settings.keys_dir / LOOKUP_KEY_FILE)
+    base_url = json.loads((workdir / "credentials.json").read_text("utf-8"))["base_url"]
+    return issue_subject_token(key, lookup=certno_lookup(lookup_key, certno),
+                               audience=base_url, lifetime_s=lifetime_s)
 
 
 _EXAMPLES = """
@@ -155,6 +200,14 @@ _EXAMPLES = """
                                     {{"fn": "mean", "field": "psn_part_amt"}}]}})
   print(json.dumps(r.json(), ensure_ascii=False, indent=1))
 
+  # Individual consent (投保身份校验 / 线上快速理赔): persons and DPoP keys are in {cred}
+  python -m gateway.cli.clients walkthrough {cred}
+  #   admin consents on a person's behalf (by 身份证号), the insurer checks enrollment and
+  #   reads settlements with Consent + DPoP, the person lists every access and revokes.
+  # A person's own sign-in token (subject role):
+  gateway token subject <certno from credentials.json> --workdir {workdir}
+  curl -s {base_url}/v1/subjects/me/access -H "Authorization: Bearer $SUBJECT_TOKEN"
+
   OpenAPI: {base_url}/docs    Stop with Ctrl-C.
 """
 
@@ -162,7 +215,8 @@ _EXAMPLES = """
 def run_demo(*, persons: int, seed: int, port: int, workdir: Path, serve: bool) -> None:
     credentials = prepare_demo(persons=persons, seed=seed, port=port, workdir=workdir)
     cred = (workdir.resolve() / "credentials.json")
-    _say(_EXAMPLES.format(base_url=credentials["base_url"], cred=cred))
+    _say(_EXAMPLES.format(base_url=credentials["base_url"], cred=cred,
+                          workdir=workdir.resolve()))
     if not serve:
         return
     import uvicorn

@@ -27,6 +27,7 @@ import pyarrow as pa
 from sqlglot import exp
 
 from gateway.catalog import Catalog, FieldType, Source, Transform, default_catalog
+from gateway.consent.lookup import LOOKUP_DOMAIN
 from gateway.errors import IngestRejected
 from gateway.ingest.generalize import AGE_BANDS
 from gateway.ingest.pseudonym import PSEUDONYM_HEX_DIGITS, hmac_pads
@@ -149,6 +150,50 @@ _PSEUDONYM = (
     + str(PSEUDONYM_HEX_DIGITS)
     + "))::BIGINT"
 )
+
+# The keyed certno lookup (gateway.consent.lookup): HMAC-SHA256 under the separate lookup
+# key, full 64 hex digits, of the domain tag and the normalized certno. The raw certno never
+# leaves this load's temporary views.
+_LOOKUP = (
+    "sha256($lopad::BLOB || unhex(sha256($lipad::BLOB || "
+    "encode('" + LOOKUP_DOMAIN + "' || upper(trim({col}))))))"
+)
+
+
+def _build_lookup(con: duckdb.DuckDBPyConnection, lookup_key: bytes, persons_file: str,
+                  progress: Progress) -> None:
+    """``person_lookup (lookup, psn_id)``, sorted by ``lookup`` so one row is a point read:
+    the serving side resolves a 身份证号 with the lookup key, never with the ingest key."""
+    progress("writing the keyed certno lookup")
+    ipad, opad = hmac_pads(lookup_key)
+    # Module constants only; the key arrives as bound parameters.
+    con.execute(
+        "CREATE TABLE person_lookup AS SELECT "  # noqa: S608
+        + _LOOKUP.format(col="r.certno")
+        + " AS lookup, m.psn_id FROM raw_persons r JOIN psn_map m ON r._row = m._row "
+        "WHERE r.certno IS NOT NULL ORDER BY lookup",
+        {"lipad": ipad, "lopad": opad},
+    )
+    dup = con.execute(
+        "SELECT min(m._row) FROM person_lookup l JOIN psn_map m ON l.psn_id = m.psn_id "
+        "WHERE l.lookup IN (SELECT lookup FROM person_lookup GROUP BY lookup "
+        "HAVING count(*) > 1)"
+    ).fetchall()[0]
+    if dup is not None and dup[0] is not None:
+        # One 身份证号, two persons: a consent could name the wrong one.
+        raise IngestRejected("duplicate resident id number", file=persons_file,
+                             row=int(dup[0]), column="certno")
+    # The consented person endpoint reads one person's settlements: a copy of the fields it
+    # may answer, sorted by person, so DuckDB's zone maps skip every other row group (a point
+    # read instead of a scan of all settlements).
+    progress("sorting settlements by person for the consented reads")
+    con.execute(
+        "CREATE TABLE person_settlements AS SELECT psn_id, setl_time, med_type, hosp_lv, "
+        "fixmedins_code, dise_codg, medfee_sumamt, inscp_scp_amt, fulamt_ownpay_amt, "
+        "overlmt_selfpay, hifp_pay, hifmi_pay, maf_pay, acct_pay, psn_cash_pay, psn_part_amt "
+        "FROM settlements ORDER BY psn_id, setl_time"
+    )
+
 
 def _amount_columns(catalog: Catalog) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """The settlement source's decimal fields, and the person-year measures that are yearly
@@ -289,8 +334,13 @@ def ingest(
     progress: Progress = _noop,
     threads: int | None = None,
     before_publish: Callable[[], None] | None = None,
+    lookup_key: bytes | None = None,
 ) -> LoadReport:
     """Load, de-identify and publish a new version; the previous one serves until the swap.
+
+    ``lookup_key`` (the consent service's, not the ingest key) adds the consent service's
+    tables: the keyed 身份证号 lookup ``person_lookup`` (see :mod:`gateway.consent.lookup`)
+    and ``person_settlements``, the person-level settlement fields sorted by person.
 
     ``before_publish`` is a test seam: it runs after the new file is complete and closed,
     just before the swap.
@@ -328,6 +378,8 @@ def ingest(
             progress(f"scanning text columns of {path.name}")
             _scan_text_columns(con, view, path.name, source)
         unplaced = _build_tables(con, key, persons_file.name, catalog, progress)
+        if lookup_key is not None:
+            _build_lookup(con, lookup_key, persons_file.name, progress)
         _check_references(con, settlements_file.name)
         counts = {t: _count(con, t) for t in ("persons", "settlements", "person_years")}
         con.execute("CREATE TABLE _meta (key VARCHAR PRIMARY KEY, value VARCHAR)")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -28,6 +29,7 @@ from gateway.errors import Conflict, NotFound, ValidationFailed
 __all__ = [
     "CONSENT_SCHEMA",
     "ConsentStatements",
+    "ReplaySpend",
     "StoredConsent",
     "StoredConsentKey",
     "datetime_to_ns",
@@ -146,6 +148,18 @@ class StoredConsent:
 
 
 @dataclass(frozen=True)
+class ReplaySpend:
+    """One request's single-use ids for :meth:`ConsentStatements.spend_replay_ids`."""
+
+    client_id: str
+    dpop_jti: str
+    dpop_expires_ns: int
+    consent_jti: str | None = None
+    consent_id: str | None = None
+    consent_expires_ns: int = 0
+
+
+@dataclass(frozen=True)
 class StoredConsentKey:
     """One consent signing key: its public JWK and where the private key lives (never the
     private key itself)."""
@@ -235,6 +249,31 @@ class ConsentStatements(ABC):
             self._bump(cur, "consents")
         return StoredConsent(record, valid_from_ns, valid_until_ns, None, None)
 
+    def add_consents(self, records: Sequence[ConsentRecord]) -> int:
+        """Store many new, active consents in one transaction (a bulk import); Conflict, and
+        nothing stored, if any id exists. Returns how many were stored."""
+        rows = []
+        for record in records:
+            if record.state is not ConsentState.ACTIVE:
+                raise ValidationFailed("a new consent is active")
+            rows.append((record.consent_id, record.subject, record.insurer_org, record.purpose,
+                         record.model_dump_json(), record.state.value,
+                         datetime_to_ns(record.valid_from), datetime_to_ns(record.valid_until),
+                         datetime_to_ns(record.created_at)))
+        with self._tx(write=True) as cur:
+            for row in rows:
+                cur.execute(
+                    "INSERT INTO consents (consent_id, subject, insurer_org, purpose, record, "
+                    "state, valid_from_ns, valid_until_ns, revoked_at_ns, revoked_by, "
+                    "created_at_ns) VALUES (?, ?, ?, ?, ?, ?, ?, ?, NULL, NULL, ?) "
+                    "ON CONFLICT (consent_id) DO NOTHING",
+                    row,
+                )
+                if cur.rowcount != 1:
+                    raise Conflict(f"consent {row[0]} already exists")
+            self._bump(cur, "consents")
+        return len(rows)
+
     def get_consent(self, consent_id: str) -> StoredConsent | None:
         with self._tx() as cur:
             cur.execute(
@@ -290,6 +329,22 @@ class ConsentStatements(ABC):
             rows = cur.fetchall()
         return [_consent_row(r) for r in rows]
 
+    def consent_status(self, consent_id: str, now_ns: int) -> tuple[str, str, bool] | None:
+        """``(subject, insurer_org, live at now_ns)`` of a consent, None if unknown: one
+        primary-key read in its own transaction (so a revocation committed by any process is
+        seen), without parsing the stored record — the per-request check of consented calls."""
+        with self._tx() as cur:
+            cur.execute(
+                "SELECT subject, insurer_org, state, valid_from_ns, valid_until_ns "
+                "FROM consents WHERE consent_id = ?",
+                (consent_id,),
+            )
+            row = cur.fetchone()
+        if row is None:
+            return None
+        live = row[2] == "active" and int(row[3]) <= now_ns < int(row[4])
+        return str(row[0]), str(row[1]), live
+
     def is_consent_live(self, consent_id: str, now_ns: int) -> bool:
         """One primary-key read: the consent exists, is not revoked and is valid at ``now_ns``.
         Read on every request, so a revocation holds from the next request in every process."""
@@ -325,6 +380,39 @@ class ConsentStatements(ABC):
             "INSERT INTO dpop_jti (client_id, jti, expires_ns) VALUES (?, ?, ?) "
             "ON CONFLICT (client_id, jti) DO NOTHING",
             (client_id, jti, expires_ns), now_ns)
+
+    def spend_replay_ids(self, items: Sequence[ReplaySpend], now_ns: int
+                         ) -> list[tuple[bool, bool]]:
+        """Many requests' single-use ids in one write transaction (group commit: one fsync
+        for a batch of concurrent requests). Per item, in order: its DPoP ``jti`` (keyed with
+        its client), then — only if that was new — its consent ``jti`` when it has one.
+        Returns ``(dpop_new, consent_new)`` per item; ``consent_new`` is True for an item with
+        no consent ``jti``, and False when its DPoP ``jti`` was a replay (nothing is spent for
+        it then). Within a batch, a repeated id loses to its first occurrence, as across
+        batches: the insert is the arbiter."""
+        out: list[tuple[bool, bool]] = []
+        with self._tx(write=True) as cur:
+            cur.execute("DELETE FROM dpop_jti WHERE expires_ns < ?", (now_ns,))
+            cur.execute("DELETE FROM consumed_consent_jti WHERE expires_ns < ?", (now_ns,))
+            for item in items:
+                if not item.client_id or not item.dpop_jti:
+                    raise ValidationFailed("client_id and the DPoP jti are required")
+                cur.execute(
+                    "INSERT INTO dpop_jti (client_id, jti, expires_ns) VALUES (?, ?, ?) "
+                    "ON CONFLICT (client_id, jti) DO NOTHING",
+                    (item.client_id, item.dpop_jti, item.dpop_expires_ns))
+                if cur.rowcount != 1:
+                    out.append((False, False))
+                    continue
+                if item.consent_jti is None:
+                    out.append((True, True))
+                    continue
+                cur.execute(
+                    "INSERT INTO consumed_consent_jti (jti, consent_id, expires_ns) "
+                    "VALUES (?, ?, ?) ON CONFLICT (jti) DO NOTHING",
+                    (item.consent_jti, item.consent_id, item.consent_expires_ns))
+                out.append((True, cur.rowcount == 1))
+        return out
 
     # -- consent keys (public halves and private-key references only) ------------------
     def save_consent_key(self, kid: str, state: KeyState, public_jwk: dict[str, str], *,

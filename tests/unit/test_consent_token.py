@@ -597,3 +597,70 @@ def test_consent_token_is_refused_where_an_access_token_is_expected() -> None:
 if __name__ == "__main__":
     write_vectors(VECTOR_DIR)
     sys.exit(0)
+
+
+# -- 身份证号 lookup and subject sign-in tokens ------------------------------------------------
+
+
+def test_certno_lookup_is_keyed_normalized_and_checked() -> None:
+    from gateway.consent.lookup import certno_lookup, is_lookup, normalize_certno
+
+    certno = "11010519491231002X"  # GB 11643 example: check character X
+    assert normalize_certno(" 11010519491231002x") == certno
+    a = certno_lookup(bytes(32), certno)
+    assert is_lookup(a)
+    assert certno not in a
+    assert a != certno_lookup(bytes(range(32)), certno)  # another key, another value
+    reference = hmac.new(bytes(32), b"yibao-certno-lookup:" + certno.encode(),
+                         hashlib.sha256).hexdigest()
+    assert a == reference
+    for bad in ("11010519491231002", "110105194912310021", "1101051949123100XX", "x" * 18):
+        with pytest.raises(ValidationFailed) as err:
+            normalize_certno(bad)
+        assert bad not in err.value.message
+    with pytest.raises(ValidationFailed):
+        certno_lookup(bytes(16), certno)
+
+
+def _subject_verifier(now: float = NOW) -> Any:
+    from gateway.auth.subjects import SubjectTokenVerifier
+
+    return SubjectTokenVerifier(key(SEED_1).public_key(), audience=AUDIENCE,
+                                clock=lambda: now)
+
+
+def test_subject_token_round_trip_and_refusals() -> None:
+    from gateway.auth.subjects import SUBJECT_TYP, issue_subject_token
+
+    lookup = "ab" * 32
+    good = issue_subject_token(key(SEED_1), lookup=lookup, audience=AUDIENCE, now=NOW)
+    assert _subject_verifier().verify(good).lookup == lookup
+    claims = json.loads(base64.urlsafe_b64decode(good.split(".")[1] + "=="))
+
+    def signed(header: dict[str, Any], body: dict[str, Any], seed: bytes = SEED_1) -> str:
+        signing_input = f"{_compact(header)}.{_compact(body)}"
+        return f"{signing_input}.{b64url_encode(key(seed).sign(signing_input.encode()))}"
+
+    header = {"alg": "EdDSA", "typ": SUBJECT_TYP}
+    cases = {
+        "subject_token_forbidden_header": signed({**header, "kid": "x"}, claims),
+        "subject_token_wrong_typ": signed({**header, "typ": CONSENT_TYP}, claims),
+        "subject_token_bad_alg": signed({**header, "alg": "HS256"}, claims),
+        "subject_token_bad_signature": signed(header, claims, SEED_2),
+        "subject_token_missing_claim": signed(header, {k: v for k, v in claims.items()
+                                                       if k != "jti"}),
+        "subject_token_bad_claim": signed(header, {**claims, "sub": "11010519491231002X"}),
+        "subject_token_wrong_issuer": signed(header, {**claims, "iss": "https://x.test"}),
+        "subject_token_wrong_audience": signed(header, {**claims, "aud": "https://x.test"}),
+        "subject_token_lifetime": signed(header, {**claims, "exp": claims["iat"] + 7200}),
+        "subject_token_duplicate_member": signed(
+            header, json.dumps(claims, separators=(",", ":"))[:-1] + f',"sub":"{"cd" * 32}"}}'),
+    }
+    for code, token in cases.items():
+        with pytest.raises(AuthenticationFailed) as err:
+            _subject_verifier().verify(token)
+        assert err.value.code == code, code
+    with pytest.raises(AuthenticationFailed) as err:
+        _subject_verifier(now=claims["exp"] + 30).verify(good)
+    assert err.value.code == "subject_token_expired"
+    assert _subject_verifier(now=claims["exp"] + 29).verify(good).lookup == lookup

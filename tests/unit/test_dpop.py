@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -157,3 +158,61 @@ def test_ath_is_base64url_sha256_of_the_token() -> None:
     assert access_token_hash("Kz~8mXK1EalYznwH-LC-1fBAo.4Ljp~zsPE_NeO.gxU") == (
         "fUHyO2r2Z3DZ53EsNrWBb0xWXoaNy59IiKCAqksmQEo"
     )
+
+
+# -- spending the single-use ids: one write for a batch of concurrent requests -------------------
+
+
+def test_spend_replay_ids_in_one_transaction(tmp_path: Path) -> None:
+    from gateway.state.consents import ReplaySpend
+    from gateway.state.store import SqliteStateStore
+
+    state = SqliteStateStore(tmp_path / "state.sqlite")
+    far = 2**62
+    items = [
+        ReplaySpend("c-1", "p-1", far, "consent-jti-1", "cst-1", far),
+        ReplaySpend("c-1", "p-1", far, "consent-jti-2", "cst-2", far),  # replayed proof
+        ReplaySpend("c-2", "p-1", far, "consent-jti-1", "cst-1", far),  # consent used above
+        ReplaySpend("c-2", "p-2", far),  # no single-use consent
+    ]
+    assert state.spend_replay_ids(items, now_ns=0) == [
+        (True, True), (False, False), (True, False), (True, True)]
+    # The replayed proof spent nothing: consent-jti-2 is still unused.
+    assert state.spend_replay_ids(
+        [ReplaySpend("c-1", "p-3", far, "consent-jti-2", "cst-2", far)], now_ns=0) == [
+        (True, True)]
+    # Expired ids are purged first and may recur.
+    assert state.spend_replay_ids([ReplaySpend("c-1", "p-1", 5)], now_ns=far + 1) == [
+        (True, True)]
+
+
+def test_replay_batcher_lets_exactly_one_request_use_a_consent(tmp_path: Path) -> None:
+    import threading
+
+    from gateway.service.consents import ReplayBatcher
+    from gateway.state.consents import ReplaySpend
+    from gateway.state.store import SqliteStateStore
+
+    batcher = ReplayBatcher(SqliteStateStore(tmp_path / "state.sqlite"))
+    far = 2**62
+    results: list[tuple[bool, bool]] = []
+    lock = threading.Lock()
+    start = threading.Barrier(16)
+
+    def worker(n: int) -> None:
+        start.wait()
+        for k in range(20):
+            # Every thread tries the same 20 consents, each with its own proof.
+            outcome = batcher.spend(ReplaySpend("c-1", f"proof-{n}-{k}", far, f"jti-{k}",
+                                                f"cst-{k}", far), now_ns=0)
+            with lock:
+                results.append(outcome)
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(results) == 16 * 20
+    assert all(dpop for dpop, _ in results)
+    assert sum(consent for _, consent in results) == 20

@@ -1,23 +1,82 @@
-"""Individual consent routes: issue and revoke consents (admin), the 投保身份校验 under a
-consent token and a DPoP proof (insurer), and the consent key set as JWKS (public).
+"""Individual consent routes: issue and revoke consents (an admin on a person's behalf, or the
+person), the 投保身份校验 and the person's settlements under a consent token and a DPoP proof
+(insurer), and the consent key set as JWKS (public).
 
 Routes only translate HTTP; the use cases are :class:`gateway.service.gateway.Gateway`'s.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import json
 from typing import Annotated
 
-from fastapi import APIRouter, Path, Request
+from fastapi import APIRouter, Depends, Path, Request
 from pydantic import BaseModel, ConfigDict
+from starlette.concurrency import run_in_threadpool
 
-from gateway.api.deps import CurrentPrincipal, GatewayDep
+from gateway.api.deps import CurrentPrincipal, GatewayDep, get_principal
 from gateway.api.responses import Json, audited_json
-from gateway.service.consents import ConsentRequest
+from gateway.auth.subjects import SUBJECT_TYP
+from gateway.auth.tokens import Principal
+from gateway.errors import AuthenticationFailed
+from gateway.service.consents import ConsentRequest, SettlementsRequest, SubjectCaller
+
+__all__ = ["ENROLLMENT_PATH", "SETTLEMENTS_PATH", "CurrentSubject", "router"]
 
 router = APIRouter()
 
 ENROLLMENT_PATH = "/v1/persons/enrollment"
+SETTLEMENTS_PATH = "/v1/persons/settlements"
+
+
+def _bearer(request: Request) -> str | None:
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+
+
+def _typ(token: str) -> object:
+    """The ``typ`` of a compact JWS header, read only to route it to its verifier (the
+    verifier checks everything again)."""
+    segment = token.split(".", 1)[0]
+    try:
+        header = json.loads(base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4)))
+    except (ValueError, binascii.Error):
+        return None
+    return header.get("typ") if isinstance(header, dict) else None
+
+
+async def get_subject(request: Request, gateway: GatewayDep) -> SubjectCaller:
+    """A person signed in with the identity service's token; a failure is audited (as
+    anonymous) before the 401."""
+    token = _bearer(request)
+    try:
+        if token is None:
+            raise AuthenticationFailed("missing bearer token")
+        # The person lookup is one store read: off the event loop.
+        return await run_in_threadpool(gateway.subject_sign_in, token)
+    except AuthenticationFailed as exc:
+        await run_in_threadpool(
+            gateway.record, None, f"auth:{request.method} {request.url.path}", status=401,
+            decision="deny", error_code=exc.code, reasons=[exc.message],
+        )
+        raise
+
+
+CurrentSubject = Annotated[SubjectCaller, Depends(get_subject)]
+
+
+async def get_consent_caller(request: Request, gateway: GatewayDep
+                             ) -> Principal | SubjectCaller:
+    """Consents are managed by admins (access token) and by persons (subject token)."""
+    token = _bearer(request)
+    if token is not None and _typ(token) == SUBJECT_TYP:
+        return await get_subject(request, gateway)
+    return await get_principal(request, gateway)
+
+
+ConsentCaller = Annotated[Principal | SubjectCaller, Depends(get_consent_caller)]
 
 
 @router.get("/.well-known/jwks.json", tags=["consents"])
@@ -27,18 +86,18 @@ async def jwks(gateway: GatewayDep) -> Json:
 
 
 @router.post("/v1/consents", status_code=201, tags=["consents"])
-def create_consent(body: ConsentRequest, principal: CurrentPrincipal,
-                   gateway: GatewayDep) -> Json:
-    return audited_json(gateway.create_consent(principal, body), status_code=201)
+def create_consent(body: ConsentRequest, caller: ConsentCaller, gateway: GatewayDep) -> Json:
+    """An admin names the person by ``certno`` (身份证号); a signed-in person omits it."""
+    return audited_json(gateway.create_consent(caller, body), status_code=201)
 
 
 @router.delete("/v1/consents/{consent_id}", tags=["consents"])
 def revoke_consent(
     consent_id: Annotated[str, Path(min_length=1, max_length=128)],
-    principal: CurrentPrincipal,
+    caller: ConsentCaller,
     gateway: GatewayDep,
 ) -> Json:
-    return audited_json(gateway.revoke_consent(principal, consent_id))
+    return audited_json(gateway.revoke_consent(caller, consent_id))
 
 
 class EnrollmentRequest(BaseModel):
@@ -56,12 +115,30 @@ def enrollment(
 ) -> Json:
     """投保身份校验. Headers: ``Authorization: Bearer <access token>``, ``Consent: <consent
     token>``, ``DPoP: <proof>`` (``htu`` = the gateway's base URL + this path)."""
-    _, _, access_token = request.headers.get("authorization", "").partition(" ")
     base = gateway.consent.issuer if gateway.consent is not None else ""
     return audited_json(gateway.enrollment_check(
         principal,
-        access_token=access_token.strip(),
+        access_token=_bearer(request) or "",
         consent_token=request.headers.get("consent"),
         dpop_proof=request.headers.get("dpop"),
         htu=base + ENROLLMENT_PATH,
+    ))
+
+
+@router.post(SETTLEMENTS_PATH, tags=["persons"])
+def settlements(
+    body: SettlementsRequest,
+    request: Request,
+    principal: CurrentPrincipal,
+    gateway: GatewayDep,
+) -> Json:
+    """线上快速理赔: the person's settlements in ``period``, only the released fields. Same
+    headers as the enrollment check; the consent must be a ``claims_fast_track`` one."""
+    base = gateway.consent.issuer if gateway.consent is not None else ""
+    return audited_json(gateway.persons_settlements(
+        principal, body,
+        access_token=_bearer(request) or "",
+        consent_token=request.headers.get("consent"),
+        dpop_proof=request.headers.get("dpop"),
+        htu=base + SETTLEMENTS_PATH,
     ))

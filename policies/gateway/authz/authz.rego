@@ -30,13 +30,35 @@ aggregate_functions := {"count_persons", "count", "sum", "mean"}
 field_functions := {"sum", "mean"}
 
 # What each role may do at all. query.aggregate also needs a grant that covers the query.
-# persons.enrollment also needs a verified, live consent token and DPoP proof, checked by the
-# gateway before it asks.
+# The person actions also need a verified, live consent token and DPoP proof, checked by the
+# gateway before it asks, whose claims arrive as input.consent (person_reasons below).
+# A signed-in person (subject) manages their own consents and reads their own access list.
 role_actions := {
-	"insurer": {"catalog.read", "query.aggregate", "persons.enrollment"},
+	"insurer": {"catalog.read", "query.aggregate", "persons.enrollment", "persons.settlements"},
 	"admin": {"grants.manage", "consents.manage"},
 	"auditor": {"audit.read"},
+	"subject": {"consents.own", "subjects.access"},
 }
+
+# The purpose each person action serves: a consent for another purpose never reaches it.
+person_action_purposes := {
+	"persons.enrollment": "enrollment_check",
+	"persons.settlements": "claims_fast_track",
+}
+
+# "最小必须" at the person level: for each purpose, what each consented datatype releases of
+# the person's settlements. Everything else the gateway could answer is withheld by the
+# obligations (mask_fields): e.g. claims_fast_track gets the diagnosis only as its ICD-10
+# category (dise_category), never the full code (dise_codg), nor the institution or the
+# personal-account payments.
+person_release := {"claims_fast_track": {
+	"settlements.summary": {"setl_date", "med_type", "hosp_lv"},
+	"settlements.amounts": {
+		"medfee_sumamt", "inscp_scp_amt", "fulamt_ownpay_amt", "overlmt_selfpay",
+		"hifp_pay", "hifmi_pay", "maf_pay", "psn_part_amt",
+	},
+	"settlements.diagnosis_category": {"dise_category"},
+}}
 
 # METADATA
 # title: Decision
@@ -80,41 +102,71 @@ deny_reasons := base_reasons | shape_reasons if {
 	not well_shaped_query
 }
 
-deny_reasons := base_reasons if input.action != "query.aggregate"
+deny_reasons := base_reasons | person_reasons if {
+	person_action
+	role_may_act
+}
+
+deny_reasons := base_reasons if {
+	input.action != "query.aggregate"
+	not person_action
+}
 
 deny_reasons := base_reasons if not role_may_act
 
 role_may_act if input.action in role_actions[input.subject.role]
+
+person_action if is_string(person_action_purposes[input.action])
 
 # What an allowed request carries: the covering grant (queries only) and the obligations.
 # A grant may tighten the catalog defaults, never go below the floor or above the row cap.
 allowance := {
 	"grant_id": gid,
 	"obligations": {
-		"min_cell_size": max([object.get(g, "min_cell_size", defaults.min_cell_size), defaults.min_cell_size_floor]),
+		"min_cell_size": min_cell,
 		"max_rows": min([object.get(g, "max_rows", defaults.max_rows), defaults.max_rows]),
 		"mask_fields": [],
-		"noise": null,
+		"noise": object.get(g, "noise", null),
+		"disclosure": {
+			"difference_k": max([object.get(g, "difference_k", min_cell), min_cell]),
+			"rounding": max([object.get(g, "rounding", 1), 1]),
+			"budget": object.get(g, "budget", null),
+			"dataset_epsilon_cap": dataset_epsilon_cap,
+		},
 	},
 } if {
 	input.action == "query.aggregate"
 	defaults := catalog_defaults
 	gid := chosen_grant_id
 	g := usable_grants[gid]
+	min_cell := max([object.get(g, "min_cell_size", defaults.min_cell_size), defaults.min_cell_size_floor])
 }
+
+# Cross-request disclosure control (docs/disclosure.md). A cell within difference_k − 1
+# persons of an earlier release is suppressed; the grant may raise k above its minimum cell
+# size, never lower it. Noise (the grant's mechanism, ε per query and published per
+# person-year bounds) spends the grant's budget per period and, across every grant, at most
+# this much ε per data version and dataset.
+dataset_epsilon_cap := 20
 
 allowance := {
 	"grant_id": null,
 	"obligations": {
 		"min_cell_size": max([defaults.min_cell_size, defaults.min_cell_size_floor]),
 		"max_rows": defaults.max_rows,
-		"mask_fields": [],
+		"mask_fields": withheld_fields,
 		"noise": null,
 	},
 } if {
 	input.action != "query.aggregate"
 	defaults := catalog_defaults
 }
+
+# Fields of a person-level answer to withhold: every field the gateway could answer that no
+# consented, requested datatype releases for the purpose. Empty for every other action.
+withheld_fields := sort([f | some f in query_fields; not f in released_fields]) if {
+	input.action == "persons.settlements"
+} else := []
 
 catalog_defaults := defaults if {
 	defaults := data.gateway.catalog.defaults
@@ -417,4 +469,64 @@ query_reasons contains gap if {
 	not chosen_grant_id
 	some missing in grant_gaps
 	some gap in missing
+}
+
+# --- person actions: the verified consent claims ------------------------------------------------
+
+# The consent's authorization_details entries for the request's purpose ({} when absent or of
+# another shape: then person_reasons explain).
+consent_details := [d |
+	is_array(input.consent.authorization_details)
+	some d in input.consent.authorization_details
+	is_object(d)
+	d.purpose == input.purpose
+]
+
+consented_datatypes := {t |
+	some d in consent_details
+	is_array(d.datatypes)
+	some t in d.datatypes
+}
+
+requested_datatypes := {t | is_array(input.resource.datatypes); some t in input.resource.datatypes}
+
+released_fields := {f |
+	some t in requested_datatypes
+	t in consented_datatypes
+	some f in object.get(person_release, [input.purpose, t], set())
+}
+
+person_reasons contains "request has no verified consent" if not is_object(object.get(input, "consent", null))
+
+person_reasons contains "consent was issued to another insurer" if {
+	is_object(input.consent)
+	not consent_of_caller
+}
+
+consent_of_caller if {
+	is_string(input.subject.org)
+	input.consent.client_id == input.subject.org
+}
+
+person_reasons contains "request has no purpose" if not is_string(object.get(input, "purpose", null))
+
+person_reasons contains sprintf("purpose %v does not serve %s", [input.purpose, input.action]) if {
+	is_string(input.purpose)
+	not purpose_fits_action
+}
+
+purpose_fits_action if person_action_purposes[input.action] == input.purpose
+
+person_reasons contains sprintf("consent does not cover purpose %v", [input.purpose]) if {
+	is_string(input.purpose)
+	is_object(input.consent)
+	count(consent_details) == 0
+}
+
+person_reasons contains "request names no datatype" if count(requested_datatypes) == 0
+
+person_reasons contains sprintf("datatype %v is not consented", [t]) if {
+	count(consent_details) > 0
+	some t in requested_datatypes
+	not t in consented_datatypes
 }

@@ -145,7 +145,10 @@ test_allows_a_query_the_grant_covers if {
 	result.grant_id == "g-1"
 
 	# min_cell_size never below the floor (grant 3, floor 5); max_rows never above the cap.
-	result.obligations == {"min_cell_size": 5, "max_rows": 10000, "mask_fields": [], "noise": null}
+	result.obligations == {
+		"min_cell_size": 5, "max_rows": 10000, "mask_fields": [], "noise": null,
+		"disclosure": {"difference_k": 5, "rounding": 1, "budget": null, "dataset_epsilon_cap": 20},
+	}
 }
 
 test_obligations_take_the_stricter_grant if {
@@ -154,6 +157,30 @@ test_obligations_take_the_stricter_grant if {
 	allowed(result)
 	result.obligations.min_cell_size == 20
 	result.obligations.max_rows == 500
+}
+
+test_disclosure_obligations_come_from_the_grant if {
+	noisy := object.union(grant_g1, {
+		"min_cell_size": 20, "difference_k": 30, "rounding": 5,
+		"noise": {"mechanism": "laplace", "epsilon": 0.5, "bounds": {"psn_part_amt": [0, 20000]}},
+		"budget": {"epsilon": 2, "period": "month"},
+	})
+	result := decide_grants(query, {"g-1": noisy})
+	allowed(result)
+	result.obligations.noise == noisy.noise
+	result.obligations.disclosure == {
+		"difference_k": 30, "rounding": 5, "budget": {"epsilon": 2, "period": "month"},
+		"dataset_epsilon_cap": 20,
+	}
+}
+
+test_difference_k_never_below_the_minimum_cell_size if {
+	loose := object.union(grant_g1, {"min_cell_size": 20, "difference_k": 2, "rounding": 0})
+	result := decide_grants(query, {"g-1": loose})
+	allowed(result)
+	result.obligations.disclosure.difference_k == 20
+	result.obligations.disclosure.rounding == 1
+	result.obligations.noise == null
 }
 
 test_obligations_fall_back_to_catalog_defaults if {
@@ -430,11 +457,152 @@ test_consents_manage_is_for_admins if {
 }
 
 test_persons_enrollment_is_for_insurers if {
-	result := decide(as_actor("insurer", "persons.enrollment"))
+	result := decide(enrollment_check)
 	allowed(result)
 	result.grant_id == null
-	only_reason(decide(as_actor("admin", "persons.enrollment")), "action persons.enrollment is not allowed for role admin")
-	only_reason(decide(as_actor("auditor", "persons.enrollment")), "action persons.enrollment is not allowed for role auditor")
+	result.obligations.mask_fields == []
+	only_reason(decide(object.union(enrollment_check, {"subject": {"role": "admin"}})), "action persons.enrollment is not allowed for role admin")
+	only_reason(decide(object.union(enrollment_check, {"subject": {"role": "auditor"}})), "action persons.enrollment is not allowed for role auditor")
+}
+
+# --- person actions: verified consent claims in the input ---------------------------------------
+
+enrollment_consent := {
+	"consent_id": "cst-1",
+	"sub": "pairwise-sub-of-ins-001",
+	"client_id": "ins-001",
+	"jti": "jti-1",
+	"exp": 1763800600,
+	"single_use": true,
+	"authorization_details": [{
+		"type": "yibao_data_access",
+		"actions": ["read"],
+		"datatypes": ["enrollment.admdvs", "enrollment.insutype", "enrollment.status"],
+		"purpose": "enrollment_check",
+		"period": {"start": "2025-01-01", "end": "2025-12-31"},
+	}],
+}
+
+enrollment_check := {
+	"subject": {"client_id": "c-1", "role": "insurer", "org": "ins-001"},
+	"action": "persons.enrollment",
+	"purpose": "enrollment_check",
+	"resource": {"dataset": "persons", "datatypes": ["enrollment.admdvs", "enrollment.insutype", "enrollment.status"]},
+	"consent": enrollment_consent,
+	"time_ns": t0,
+}
+
+all_settlement_fields := [
+	"setl_date", "med_type", "hosp_lv", "fixmedins_code", "dise_codg", "dise_category",
+	"medfee_sumamt", "inscp_scp_amt", "fulamt_ownpay_amt", "overlmt_selfpay", "hifp_pay",
+	"hifmi_pay", "maf_pay", "acct_pay", "psn_cash_pay", "psn_part_amt",
+]
+
+claims_consent := object.union(enrollment_consent, {
+	"single_use": false,
+	"authorization_details": [{
+		"type": "yibao_data_access",
+		"actions": ["read"],
+		"datatypes": ["settlements.amounts", "settlements.diagnosis_category", "settlements.summary"],
+		"purpose": "claims_fast_track",
+		"period": {"start": "2025-01-01", "end": "2025-12-31"},
+	}],
+})
+
+settlements_read := {
+	"subject": {"client_id": "c-1", "role": "insurer", "org": "ins-001"},
+	"action": "persons.settlements",
+	"purpose": "claims_fast_track",
+	"resource": {
+		"dataset": "person_settlements",
+		"fields": all_settlement_fields,
+		"datatypes": ["settlements.amounts", "settlements.diagnosis_category", "settlements.summary"],
+	},
+	"consent": claims_consent,
+	"time_ns": t0,
+}
+
+with_datatypes(types) := object.union(settlements_read, {"resource": {"datatypes": types}})
+
+test_settlements_release_only_what_the_purpose_needs if {
+	result := decide(settlements_read)
+	allowed(result)
+	result.grant_id == null
+
+	# The diagnosis only as its ICD-10 category; no institution, no personal-account payments.
+	result.obligations.mask_fields == ["acct_pay", "dise_codg", "fixmedins_code", "psn_cash_pay"]
+}
+
+test_settlements_withhold_datatypes_not_requested if {
+	result := decide(with_datatypes(["settlements.summary"]))
+	allowed(result)
+	"medfee_sumamt" in result.obligations.mask_fields
+	"dise_category" in result.obligations.mask_fields
+	not "setl_date" in result.obligations.mask_fields
+}
+
+# A purpose that needs the full code would list dise_codg for a datatype: the same rules then
+# release it.
+test_the_full_diagnosis_code_needs_a_purpose_that_needs_it if {
+	wider := {"claims_fast_track": {"settlements.diagnosis_category": {"dise_category", "dise_codg"}}}
+	result := authz.decision with input as with_datatypes(["settlements.diagnosis_category"])
+		with data.gateway.catalog as catalog
+		with data.gateway.grants as fixture_grants
+		with authz.person_release as wider
+	allowed(result)
+	not "dise_codg" in result.obligations.mask_fields
+}
+
+test_person_actions_need_a_consent_of_the_caller if {
+	only_reason(decide(object.remove(settlements_read, ["consent"])), "request has no verified consent")
+	only_reason(decide(object.remove(enrollment_check, ["consent"])), "request has no verified consent")
+	only_reason(
+		decide(object.union(settlements_read, {"consent": {"client_id": "ins-002"}})),
+		"consent was issued to another insurer",
+	)
+	only_reason(
+		decide(object.union(settlements_read, {"subject": {"org": null}})),
+		"consent was issued to another insurer",
+	)
+}
+
+test_person_actions_need_their_own_purpose if {
+	denied_for(
+		decide(object.union(settlements_read, {"purpose": "enrollment_check"})),
+		"purpose enrollment_check does not serve persons.settlements",
+	)
+	only_reason(
+		decide(object.union(settlements_read, {"consent": enrollment_consent})),
+		"consent does not cover purpose claims_fast_track",
+	)
+}
+
+test_person_actions_read_only_consented_datatypes if {
+	narrow := object.union(claims_consent, {"authorization_details": [object.union(
+		claims_consent.authorization_details[0],
+		{"datatypes": ["settlements.summary"]},
+	)]})
+	result := decide(object.union(settlements_read, {"consent": narrow}))
+	result.reasons == [
+		"datatype settlements.amounts is not consented",
+		"datatype settlements.diagnosis_category is not consented",
+	]
+	only_reason(decide(with_datatypes([])), "request names no datatype")
+	allowed(decide(object.union(with_datatypes(["settlements.summary"]), {"consent": narrow})))
+}
+
+test_persons_settlements_is_for_insurers if {
+	only_reason(
+		decide(object.union(settlements_read, {"subject": {"role": "subject"}})),
+		"action persons.settlements is not allowed for role subject",
+	)
+}
+
+test_subjects_manage_their_own_consents_and_read_their_access if {
+	allowed(decide(as_actor("subject", "consents.own")))
+	allowed(decide(as_actor("subject", "subjects.access")))
+	only_reason(decide(as_actor("insurer", "consents.own")), "action consents.own is not allowed for role insurer")
+	only_reason(decide(as_actor("admin", "subjects.access")), "action subjects.access is not allowed for role admin")
 }
 
 test_audit_read_is_for_auditors if {
