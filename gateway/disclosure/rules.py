@@ -10,18 +10,28 @@ hold to the cent: *exactly* 90 % is not dominance, *exactly* p of the largest is
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from fractions import Fraction
 
+import numpy as np
+
 __all__ = [
+    "DEFAULT_DOMINANCE_K",
+    "DEFAULT_P_PERCENT",
     "CellContribution",
     "dominance_unsafe",
     "magnitude_sensitivity",
+    "may_be_sensitive",
     "p_percent_unsafe",
 ]
 
 Number = int | float | Decimal | Fraction
+
+# Used when the grant sets no thresholds of its own (grant options dominance_k, p_percent).
+DEFAULT_DOMINANCE_K = Decimal("0.90")
+DEFAULT_P_PERCENT = Decimal("0.10")
 
 
 def _exact(value: Number | None) -> Fraction:
@@ -72,6 +82,35 @@ def p_percent_unsafe(c: CellContribution, *, p: Number = Fraction(1, 10)) -> boo
     if top1 <= 0:
         return False
     return total - top1 - top2 < _exact(p) * top1
+
+
+# Relative margin of the float screen below: far above float64 error on sums of cents, far
+# below any real difference between a cell's figures.
+_SCREEN_MARGIN = 1e-9
+
+
+def may_be_sensitive(
+    total: Sequence[Number | None],
+    top1: Sequence[Number | None],
+    top2: Sequence[Number | None],
+    *,
+    k: Number = Fraction(9, 10),
+    p: Number = Fraction(1, 10),
+) -> list[bool]:
+    """A vectorized screen for :func:`magnitude_sensitivity` over many cells: False only where
+    a cell is safe under both rules with a margin; the exact rules decide the rest (so a large
+    result does not pay for ``Fraction`` arithmetic on every cell).
+
+    >>> may_be_sensitive([100, 100, 100], [60, 60, 50], [31, 30, 10])
+    [True, True, False]
+    """
+    t = np.array([0.0 if v is None else float(v) for v in total])
+    a = np.array([0.0 if v is None else float(v) for v in top1])
+    b = np.array([0.0 if v is None else float(v) for v in top2])
+    margin = _SCREEN_MARGIN * (np.abs(t) + np.abs(a) + np.abs(b) + 1.0)
+    dominance = a + b > float(k) * t - margin
+    p_rule = (a > -margin) & (t - a - b < float(p) * a + margin)
+    return [bool(x) for x in (t <= margin) | dominance | p_rule]
 
 
 def magnitude_sensitivity(

@@ -6,6 +6,9 @@ attacker model):
 * **primary** — fewer distinct persons than the obligation's minimum: every measure withheld;
 * **dominance** / **p_percent** — for sums and means, when the per-cell top contributions are
   supplied (``contribution_fields``): the cell's sum and mean measures are withheld, counts stay;
+* **difference** — the cell's records differ from a cell released earlier (any insurer, same
+  data version) by the records of 1 … k−1 persons (:mod:`.differencing`; the caller finds
+  these and passes them as ``withheld``): every measure withheld;
 * **secondary** — complementary suppression (:mod:`.complementary`), so that no withheld value
   can be recomputed or narrowed from the released cells and the line totals: every measure
   withheld.
@@ -21,12 +24,17 @@ from decimal import ROUND_HALF_EVEN, Decimal
 from typing import Any
 
 from gateway.disclosure.complementary import Table, complementary_suppression
-from gateway.disclosure.rules import CellContribution, Number, magnitude_sensitivity
+from gateway.disclosure.rules import (
+    CellContribution,
+    Number,
+    magnitude_sensitivity,
+    may_be_sensitive,
+)
 
 __all__ = ["REASONS", "DisclosedResult", "SuppressedCell", "disclose", "magnitude_field"]
 
 _CENT = Decimal("0.01")
-REASONS = ("primary", "dominance", "p_percent", "secondary")
+REASONS = ("primary", "difference", "dominance", "p_percent", "secondary")
 
 
 @dataclass(frozen=True)
@@ -34,9 +42,14 @@ class SuppressedCell:
     row: int
     reason: str  # one of REASONS
     measures: tuple[str, ...] = ()  # the withheld measures (all, unless dominance / p_percent)
+    detail: str | None = None  # e.g. which earlier release a ``difference`` cell is close to
 
     def to_json(self) -> dict[str, Any]:
-        return {"row": self.row, "reason": self.reason, "measures": list(self.measures)}
+        body: dict[str, Any] = {"row": self.row, "reason": self.reason,
+                                "measures": list(self.measures)}
+        if self.detail is not None:
+            body["detail"] = self.detail
+        return body
 
 
 @dataclass(frozen=True)
@@ -86,6 +99,7 @@ def disclose(
     secondary: bool = False,
     protection_ratio: float = 0.5,
     max_exact_cells: int | None = None,
+    withheld: Mapping[int, tuple[str, str | None]] | None = None,
 ) -> DisclosedResult:
     """Apply primary, dominance, p % and complementary suppression, then the row limit.
 
@@ -93,6 +107,9 @@ def disclose(
     then — for each field in ``contribution_fields`` — three numbers: the cell total of the
     field and the largest and second-largest per-person sums (docs/disclosure.md, SQL shape).
     ``measure_fields`` maps a sum/mean measure to its field (default: from the alias).
+
+    ``withheld`` maps rows the caller already found sensitive (e.g. the difference check) to
+    ``(reason, detail)``: they lose every measure and are protected like primary cells.
 
     ``secondary`` is off by default only so that existing callers keep their behaviour; the
     gateway must turn it on (docs/disclosure.md).
@@ -135,12 +152,28 @@ def disclose(
 
     primary = {r for r in range(n) if persons[r] < min_cell_size}
     reasons: dict[int, str] = dict.fromkeys(primary, "primary")
+    details: dict[int, str] = {}
+    for r, (given, detail) in (withheld or {}).items():
+        if r not in primary and 0 <= r < n:
+            primary.add(r)  # protected like a primary cell from here on
+            reasons[r] = given
+            if detail is not None:
+                details[r] = detail
     checked = {fields_of[measures[i]] for i in magnitude} & set(contribution_fields)
     if magnitude:
+        # exact rules only where a float screen cannot rule the cell safe
+        screened = [
+            may_be_sensitive([c[j].total for c in contributions],
+                             [c[j].top1 for c in contributions],
+                             [c[j].top2 for c in contributions], k=dominance_k, p=p_percent)
+            for j in range(len(contribution_fields))
+        ]
         for r in range(n):
             if r in primary:
                 continue
-            for cell in contributions[r]:
+            for j, cell in enumerate(contributions[r]):
+                if not screened[j][r]:
+                    continue
                 why = magnitude_sensitivity(cell, k=dominance_k, p=p_percent)
                 if why is not None:
                     reasons[r] = why
@@ -191,7 +224,8 @@ def disclose(
                                  for i, v in enumerate(values[r]))])
         if gone:
             suppressed.append(SuppressedCell(
-                row=r, reason=reasons[r], measures=tuple(measures[i] for i in sorted(gone))
+                row=r, reason=reasons[r], measures=tuple(measures[i] for i in sorted(gone)),
+                detail=details.get(r),
             ))
 
     notes: list[str] = []
@@ -221,7 +255,8 @@ def disclose(
         parts = [f"{k} {why}" for why, k in tally.items() if k]
         notes.append(
             f"{len(suppressed)} cell(s) suppressed: fewer than {min_cell_size} distinct persons "
-            f"(primary), top-2 dominance over {dominance_k}, p% at {p_percent}, or to protect "
+            f"(primary), a few persons away from an earlier release (difference), top-2 "
+            f"dominance over {dominance_k}, p% at {p_percent}, or to protect "
             f"those (secondary) — " + ", ".join(parts)
         )
     return DisclosedResult(

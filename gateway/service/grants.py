@@ -9,7 +9,7 @@ from __future__ import annotations
 import secrets
 from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -17,7 +17,38 @@ from gateway.catalog import Catalog
 from gateway.errors import ValidationFailed
 from gateway.state.store import GrantRecord
 
-__all__ = ["GrantRequest", "grant_to_json", "new_grant_record", "policy_data", "validate_grant"]
+__all__ = [
+    "BudgetRequest",
+    "GrantRequest",
+    "NoiseRequest",
+    "grant_to_json",
+    "new_grant_record",
+    "policy_data",
+    "validate_grant",
+]
+
+
+class NoiseRequest(BaseModel):
+    """Noise on every released value (docs/disclosure.md, "Noise"): ``epsilon`` per query,
+    each person-year's contribution clamped to the published ``bounds`` (yuan, per summed
+    field) and ``max_records`` settlements."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    mechanism: Literal["laplace", "gaussian"] = "laplace"
+    epsilon: float = Field(gt=0, le=10)
+    delta: float | None = Field(default=None, gt=0, lt=1e-3)
+    bounds: dict[str, tuple[int, int]] = Field(default_factory=dict, max_length=32)
+    max_records: int = Field(default=20, ge=1, le=10_000)
+
+
+class BudgetRequest(BaseModel):
+    """The grant's privacy budget: at most ``epsilon`` per ``period`` (China time)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    epsilon: float = Field(gt=0, le=100)
+    period: Literal["day", "month", "year", "grant"] = "month"
 
 
 class GrantRequest(BaseModel):
@@ -34,6 +65,15 @@ class GrantRequest(BaseModel):
     min_cell_size: int | None = Field(default=None, ge=1, le=1000)
     max_rows: int | None = Field(default=None, ge=1, le=1_000_000)
     rate_limit_per_minute: int = Field(default=600, ge=1, le=100_000)
+    # Magnitude rules on sums and means (docs/disclosure.md); unset: k = 0.90, p = 0.10.
+    dominance_k: float | None = Field(default=None, gt=0.5, le=1)
+    p_percent: float | None = Field(default=None, gt=0, lt=1)
+    # Cross-request disclosure control (docs/disclosure.md); the policy turns them into
+    # obligations. Unset: difference k = min_cell_size, no rounding, no noise.
+    difference_k: int | None = Field(default=None, ge=2, le=1000)
+    rounding: int | None = Field(default=None, ge=1, le=1000)
+    noise: NoiseRequest | None = None
+    budget: BudgetRequest | None = None
     valid_from: datetime | None = None
     valid_until: datetime | None = None
 
@@ -73,6 +113,17 @@ def validate_grant(request: GrantRequest, catalog: Catalog, now: datetime) -> tu
         for f in touched
         if f not in necessary
     ]
+    if request.noise is not None:
+        if request.budget is None:
+            problems.append("noise needs a budget")
+        problems += [f"noise bounds name {f}, which is not a granted measure"
+                     for f in request.noise.bounds if f not in request.measures]
+        problems += [f"noise bounds of {f} need lower <= upper"
+                     for f, (lo, hi) in request.noise.bounds.items() if lo > hi]
+        if request.noise.mechanism == "gaussian" and request.noise.delta is None:
+            problems.append("gaussian noise needs delta")
+    elif request.budget is not None:
+        problems.append("a budget is spent by noise: set noise too")
     floor = catalog.defaults.min_cell_size_floor
     if request.min_cell_size is not None and request.min_cell_size < floor:
         problems.append(f"min_cell_size must be at least {floor}")
@@ -102,6 +153,16 @@ def new_grant_record(
         "max_rows": request.max_rows or catalog.defaults.max_rows,
         "rate_limit_per_minute": request.rate_limit_per_minute,
     }
+    for option in ("dominance_k", "p_percent"):
+        if (value := getattr(request, option)) is not None:
+            body[option] = value
+    for option in ("difference_k", "rounding"):
+        if (number := getattr(request, option)) is not None:
+            body[option] = number
+    if request.noise is not None:
+        body["noise"] = request.noise.model_dump(mode="json", exclude_none=True)
+    if request.budget is not None:
+        body["budget"] = request.budget.model_dump(mode="json")
     return GrantRecord(
         grant_id="g-" + secrets.token_hex(8),
         insurer=request.insurer,
@@ -143,6 +204,10 @@ def grant_to_json(grant: GrantRecord, now_ns: int) -> dict[str, Any]:
     }
 
 
+# Grant options the policy turns into disclosure obligations (authz.rego, allowance).
+_DISCLOSURE_OPTIONS = ("difference_k", "rounding", "noise", "budget")
+
+
 def policy_data(catalog: Catalog, grants: Iterable[GrantRecord]) -> dict[str, Any]:
     """The whole data document the policy evaluates against (see docs/policy.md)."""
     return {
@@ -173,6 +238,7 @@ def policy_data(catalog: Catalog, grants: Iterable[GrantRecord]) -> dict[str, An
                     "filters": g.body["filters"],
                     "min_cell_size": g.body["min_cell_size"],
                     "max_rows": g.body["max_rows"],
+                    **{k: g.body[k] for k in _DISCLOSURE_OPTIONS if k in g.body},
                     "valid_from_ns": g.valid_from_ns,
                     "valid_until_ns": g.valid_until_ns,
                     "revoked": g.revoked_at_ns is not None,

@@ -1,0 +1,608 @@
+"""Disclosure control of one aggregate answer, across requests: what the gateway does between
+the policy's allow and the response (docs/disclosure.md).
+
+1. run the compiled query (or, when the grant asks for noise, its bounded form);
+2. difference check against every cell released before on this data version (any insurer);
+3. primary, dominance / p %, difference and complementary suppression (:func:`.disclose`);
+4. noise: stored answers where the cell was answered before (free), fresh noise otherwise,
+   paid from the grant's and the data version's budgets in one transaction (429 if short);
+5. rounding of counts, then HAVING / ORDER BY / LIMIT on what is released;
+6. remember what each released cell covered.
+
+Every threshold comes from the policy's obligations (``Obligations.disclosure``, ``noise``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta, timezone
+from decimal import Decimal
+from typing import Any
+
+from sqlglot import exp
+
+from gateway.catalog import Catalog
+from gateway.disclosure.complementary import MAX_EXACT_CELLS
+from gateway.disclosure.differencing import (
+    MAX_PAIRS_PER_STATEMENT,
+    NULL_VALUE,
+    Box,
+    BoxIndex,
+    Domains,
+    Pair,
+    ReleasedCell,
+    box_key,
+    box_of_cell,
+    candidate_pairs,
+    difference_sql,
+    normalize,
+    one_dimension_difference,
+    persons_sql,
+    small_differences,
+)
+from gateway.disclosure.noise import (
+    NoiseSpec,
+    NoisyPlan,
+    Sampler,
+    noisy_plan,
+    round_count,
+    to_units,
+)
+from gateway.disclosure.suppression import DisclosedResult, disclose
+from gateway.errors import PolicyEngineError, QueryRejected, StoreUnavailable
+from gateway.policy import Obligations
+from gateway.query.compiler import CompiledQuery
+from gateway.query.shaping import shape
+from gateway.query.spec import AggregateQuery
+from gateway.query.store import QueryStore
+from gateway.state.budgets import MICRO, BudgetCharge, ReleasedRow
+from gateway.state.store import StateStore
+
+__all__ = [
+    "DisclosureControl",
+    "DisclosureOptions",
+    "Released",
+    "budget_period",
+    "published_disclosure",
+]
+
+_CHINA = timezone(timedelta(hours=8))
+# Derived boxes one request may count and check (two statements per level, two levels).
+MAX_DERIVED_PER_REQUEST = 256
+# How far behind its commit another process's record time may be (incremental re-reads).
+_LAG_NS = 60 * 1_000_000_000
+
+
+@dataclass(frozen=True)
+class DisclosureOptions:
+    """The disclosure obligations of one decision, read strictly."""
+
+    difference_k: int
+    rounding: int
+    noise: NoiseSpec | None
+    budget_epsilon: float | None
+    budget_period: str | None
+    dataset_epsilon_cap: float | None
+
+    @classmethod
+    def from_obligations(cls, obligations: Obligations) -> DisclosureOptions:
+        d = obligations.disclosure or {}
+        # Without the member (older policies) the brief's default holds: k = min cell size.
+        k = d.get("difference_k", obligations.min_cell_size)
+        rounding = d.get("rounding", 1)
+        if not _is_int(k) or not _is_int(rounding) or k < 1 or rounding < 1:
+            raise PolicyEngineError("the policy decision is malformed: obligations.disclosure")
+        noise = None
+        if obligations.noise is not None:
+            try:
+                noise = NoiseSpec.from_obligation(obligations.noise)
+            except Exception as exc:  # any odd obligation: fail closed
+                raise PolicyEngineError(
+                    "the policy decision is malformed: obligations.noise") from exc
+        budget = d.get("budget")
+        epsilon = period = None
+        if budget is not None:
+            epsilon, period = budget.get("epsilon"), budget.get("period", "month")
+            if not isinstance(epsilon, int | float) or isinstance(epsilon, bool) or epsilon <= 0 \
+                    or period not in ("day", "month", "year", "grant"):
+                raise PolicyEngineError("the policy decision is malformed: disclosure.budget")
+        cap = d.get("dataset_epsilon_cap")
+        if noise is not None and (epsilon is None or not isinstance(cap, int | float)):
+            # Noise without a budget would let averaging over rephrasings run forever.
+            raise PolicyEngineError("the grant asks for noise but the policy sets no budget")
+        return cls(int(k), int(rounding), noise, None if epsilon is None else float(epsilon),
+                   period, None if cap is None else float(cap))
+
+
+def published_disclosure(grant_body: Mapping[str, Any]) -> dict[str, Any]:
+    """What the catalog shows of a grant's disclosure options: the noise mechanism, ε and
+    the per person-year bounds are public, so analysts can judge the answers they get.
+
+    >>> published_disclosure({"min_cell_size": 10})
+    {'difference_k': 10, 'rounding': 1, 'noise': None, 'budget': None}
+    """
+    noise = grant_body.get("noise")
+    return {
+        "difference_k": max(int(grant_body.get("difference_k", 0)),
+                            int(grant_body.get("min_cell_size", 0))),
+        "rounding": int(grant_body.get("rounding", 1)),
+        "noise": None if noise is None else NoiseSpec.from_obligation(noise).published(),
+        "budget": grant_body.get("budget"),
+    }
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def budget_period(period: str, now: float, grant_id: str) -> str:
+    """The ledger period a moment falls in (China Standard Time).
+
+    >>> budget_period("month", 1795000000.0, "g-1"), budget_period("grant", 0.0, "g-1")
+    ('2026-11', 'grant:g-1')
+    """
+    moment = datetime.fromtimestamp(now, tz=_CHINA)
+    if period == "day":
+        return moment.strftime("%Y-%m-%d")
+    if period == "month":
+        return moment.strftime("%Y-%m")
+    if period == "year":
+        return moment.strftime("%Y")
+    return f"grant:{grant_id}"
+
+
+@dataclass(frozen=True)
+class Released:
+    result: DisclosedResult
+    data_version: str
+    report: dict[str, Any]  # the response's "disclosure" member
+    budget_spent: float | None  # ε charged (None: no noise)
+
+
+class DisclosureControl:
+    """Steps 1–6 above over the query store and the state store."""
+
+    def __init__(self, *, catalog: Catalog, state: StateStore, store: QueryStore,
+                 clock: Callable[[], float]) -> None:
+        self.catalog = catalog
+        self.state = state
+        self.store = store
+        self.clock = clock
+        self.sampler = Sampler()
+        self._plans: dict[str, NoisyPlan] = {}
+        self._lock = threading.Lock()
+        # Check and remember under one lock in this process (see docs: across processes the
+        # later of two concurrent near-identical releases is not guaranteed to see the first).
+        self._check_lock = threading.Lock()
+        self._domain_cache: dict[tuple[str, str], Domains] = {}
+        self._known_cache: dict[tuple[str, str], _Known] = {}
+
+    # -- noise templates ----------------------------------------------------------------
+    def _plan(self, query: AggregateQuery, spec: NoiseSpec) -> NoisyPlan:
+        """Calibrated once per template (query shape and noise obligation)."""
+        key = json.dumps([query.model_dump(mode="json", include={"dataset", "dimensions",
+                                                                 "measures", "filters"}),
+                          spec.published()], sort_keys=True)
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = noisy_plan(query, self.catalog, spec)
+            if len(self._plans) >= 1024:
+                self._plans.clear()
+            self._plans[key] = plan
+        return plan
+
+    # -- the whole path ----------------------------------------------------------------
+    def release(
+        self, query: AggregateQuery, compiled: CompiledQuery, obligations: Obligations, *,
+        org: str | None, grant_id: str | None, dominance_k: Any, p_percent: Any,
+    ) -> Released:
+        options = DisclosureOptions.from_obligations(obligations)
+        dataset = self.catalog.dataset(query.dataset)
+        if dataset is None:
+            raise QueryRejected(f"unknown dataset {query.dataset}")
+        n_dims = len(compiled.dimensions)
+        plan: NoisyPlan | None = None
+        if options.noise is not None:
+            if compiled.hidden:
+                raise QueryRejected("with noise, HAVING and ORDER BY may only name "
+                                    "selected measures")
+            plan = self._plan(query, options.noise)
+            _, noisy_rows, data_version = self.store.fetch(plan.sql)
+            raw_rows = [self._exact_row(plan, r, n_dims) for r in noisy_rows]
+            contribution_fields: Sequence[str] = ()
+        else:
+            _, fetched, data_version = self.store.fetch(compiled.sql)
+            raw_rows = [tuple(r) for r in fetched]
+            noisy_rows = []
+            contribution_fields = compiled.contribution_fields
+
+        keys = [tuple(r[:n_dims]) for r in raw_rows]
+        persons = [int(r[n_dims] or 0) for r in raw_rows]
+        domains = self._domains(data_version, query.dataset, dataset)
+        boxes = [normalize(box_of_cell(query.filters, compiled.dimensions, key), domains)
+                 for key in keys]
+        # Check, decide and remember under one lock: a concurrent request in this process
+        # must see these cells before it runs its own check.
+        with self._check_lock:
+            withheld, derived = self._difference_check(
+                query.dataset, dataset, boxes, persons, data_version,
+                k=options.difference_k, min_cell_size=obligations.min_cell_size, org=org)
+
+            result = disclose(
+                compiled.dimensions, compiled.measures, raw_rows,
+                min_cell_size=obligations.min_cell_size, max_rows=obligations.max_rows,
+                contribution_fields=contribution_fields, measure_fields=compiled.measure_fields,
+                dominance_k=dominance_k, p_percent=p_percent,
+                secondary=True, max_exact_cells=MAX_EXACT_CELLS, withheld=withheld,
+            )
+            report: dict[str, Any] = {"difference_k": options.difference_k,
+                                      "rounding": options.rounding, "noise": None, "budget": None}
+            spent: float | None = None
+            if plan is not None:
+                table_key = _answer_key(data_version, query.dataset, "table",
+                                        [[s.name, s.bounds or plan.spec.max_records]
+                                         for s in plan.series],
+                                        normalize(box_of_cell(query.filters, [], []), domains),
+                                        "")
+                result, report["budget"], spent = self._add_noise(
+                    plan, result, noisy_rows, n_dims, data_version, query.dataset, options,
+                    grant_id, table_key)
+                report["noise"] = plan.published()
+            result = self._round(result, compiled, n_dims, options.rounding)
+            released_rows = [r for r in range(len(result.rows))
+                             if not _all_withheld(result, r, len(compiled.measures))]
+            release_id = "rel-" + secrets.token_hex(8)
+            now_ns = int(self.clock() * 1e9)
+            # Boxes already remembered (a repeated question) cost no write.
+            known = self._known(data_version, query.dataset) if options.difference_k >= 2 \
+                else None
+            remembered = [(boxes[r], persons[r]) for r in released_rows
+                          if known is None or boxes[r] not in known.index]
+            if remembered:
+                self.state.record_released(
+                    data_version, query.dataset,
+                    [(box_key(query.dataset, b), [[d, list(vs)] for d, vs in b], n)
+                     for b, n in remembered],
+                    org=org, release_id=release_id, now_ns=now_ns)
+            implied = [x for r in released_rows for x in derived.get(r, [])]
+            if implied:
+                self.state.record_released(
+                    data_version, query.dataset,
+                    [(box_key(query.dataset, b), [[d, list(vs)] for d, vs in b], n)
+                     for b, n in implied],
+                    org=org, release_id=release_id + "~derived", now_ns=now_ns)
+        report["release_id"] = release_id
+        result = shape(result, having=query.having, order_by=query.order_by,
+                       limit=query.limit, column_of=compiled.column_of, hidden=compiled.hidden)
+        return Released(result, data_version, report, spent)
+
+    # -- step 2 ---------------------------------------------------------------------------
+    def _domains(self, data_version: str, dataset_name: str, dataset: Any) -> Domains:
+        """Every value each dimension holds in this (immutable) version: one scan, cached."""
+        key = (data_version, dataset_name)
+        found = self._domain_cache.get(key)
+        if found is None:
+            names = sorted(dataset.dimensions)
+            sql = exp.select(*[
+                exp.func("LIST", exp.Distinct(expressions=[exp.column(d)])).as_(f"v{i}")
+                for i, d in enumerate(names)
+            ], *[
+                exp.func("BOOL_OR", exp.Is(this=exp.column(d), expression=exp.Null()))
+                .as_(f"n{i}") for i, d in enumerate(names)
+            ]).from_(exp.to_table(dataset.table))
+            _, rows, _ = self.store.fetch(sql.sql(dialect="duckdb"))
+            row = rows[0]
+            found = {
+                d: frozenset([*(str(v) for v in (row[i] or []) if v is not None),
+                              *([NULL_VALUE] if row[len(names) + i] else [])])
+                for i, d in enumerate(names)
+            }
+            self._domain_cache[key] = found
+        return found
+
+    def _known(self, data_version: str, dataset_name: str) -> _Known:
+        """Boxes released (or derived from releases) on this version: cached in this
+        process, re-read when the stored number changes (rows are only ever added)."""
+        key = (data_version, dataset_name)
+        count = self.state.released_count(data_version, dataset_name)
+        known = self._known_cache.get(key)
+        if known is not None and known.count == count:
+            return known
+        if known is not None:
+            # Read what was added lately (record times of other processes may lag a little
+            # behind their commit); the count tells whether that caught everything.
+            known.merge(self.state.released_since(data_version, dataset_name,
+                                                  known.newest_ns - _LAG_NS))
+            if len(known.cells) == count:
+                known.count = count
+                return known
+        known = _Known(count=0)
+        known.merge(self.state.released_since(data_version, dataset_name, 0))
+        known.count = len(known.cells)
+        if len(self._known_cache) >= 64:
+            self._known_cache.clear()
+        self._known_cache[key] = known
+        return known
+
+    def _count_persons(self, boxes: Sequence[Box], dataset: Any) -> list[int]:
+        counts: list[int] = []
+        for i in range(0, len(boxes), MAX_PAIRS_PER_STATEMENT):
+            sql = persons_sql(boxes[i : i + MAX_PAIRS_PER_STATEMENT], dataset)
+            _, found, _ = self.store.fetch(sql.sql(dialect="duckdb"))
+            counts += [int(v or 0) for v in found[0]]
+        return counts
+
+    def _small_pairs(self, new: Sequence[tuple[int, Box, int]], known: _Known, dataset: Any,
+                     k: int) -> dict[int, Pair]:
+        """Small differences of ``(id, box, persons)`` with known cells, by id."""
+        box_of = {i: box for i, box, _ in new}
+        pairs = candidate_pairs(new, known.cells, k=k)
+        counts: list[int] = []
+        for i in range(0, len(pairs), MAX_PAIRS_PER_STATEMENT):
+            part = pairs[i : i + MAX_PAIRS_PER_STATEMENT]
+            sql = difference_sql([(p.earlier.box, box_of[p.row]) for p in part], dataset)
+            _, found, _ = self.store.fetch(sql.sql(dialect="duckdb"))
+            counts += [int(v or 0) for v in found[0]]
+        return small_differences(pairs, counts, k=k)
+
+    def _difference_check(
+        self, dataset_name: str, dataset: Any, boxes: Sequence[Box], persons: Sequence[int],
+        data_version: str, *, k: int, min_cell_size: int, org: str | None,
+    ) -> tuple[dict[int, tuple[str, str | None]], dict[int, list[tuple[Box, int]]]]:
+        """Rows to withhold (reason, detail), and per kept row the boxes its release would let
+        an attacker derive (remembered with it)."""
+        if k < 2:
+            return {}, {}
+        known = self._known(data_version, dataset_name)
+        domains = self._domains(data_version, dataset_name, dataset)
+
+        def explain(earlier: ReleasedCell, derived: bool) -> str:
+            whose = (f"release {earlier.release_id.split('~')[0]}"
+                     if earlier.org == org and org is not None else "a release to another party")
+            how = "together with other releases, " if derived else ""
+            return f"{how}differs from {whose} by fewer than {k} persons"
+
+        withheld: dict[int, tuple[str, str | None]] = {}
+        new = [(r, boxes[r], persons[r]) for r in range(len(boxes))
+               if persons[r] >= min_cell_size]
+        for row, pair in self._small_pairs(new, known, dataset, k).items():
+            withheld[row] = ("difference", explain(pair.earlier, False))
+
+        # Boxes the new cells derive with known ones (one dimension apart), two levels deep.
+        mine = {b for _, b, _ in new}
+        derived: dict[int, list[tuple[Box, int]]] = {}
+        frontier = [(r, b) for r, b, _ in new if r not in withheld]
+        budget = MAX_DERIVED_PER_REQUEST
+        for _level in range(2):
+            found: list[tuple[int, Box, ReleasedCell | None]] = []
+            seen: set[Box] = set()
+            for row, box in frontier:
+                for other in sorted(known.index.neighbours(box)):
+                    x = one_dimension_difference(box, other, domains)
+                    if x is None or x in known.index or x in mine or x in seen:
+                        continue
+                    seen.add(x)
+                    found.append((row, x, known.by_box(other)))
+            if not found:
+                break
+            if len(found) > budget:
+                # Fail closed: more derivations than one request may check.
+                for row in {row for row, _, _ in found[budget:]}:
+                    withheld.setdefault(row, ("difference", "too many overlapping earlier "
+                                              "releases to check; ask a coarser question"))
+                found = found[:budget]
+            budget -= len(found)
+            counts = self._count_persons([x for _, x, _ in found], dataset)
+            candidates: list[tuple[int, Box, int]] = []
+            for (row, x, source), n in zip(found, counts, strict=True):
+                if row in withheld:
+                    continue
+                if 1 <= n <= k - 1 and source is not None:
+                    withheld[row] = ("difference", explain(source, True))
+                    continue
+                candidates.append((row, x, n))
+            numbered = [(i, x, n) for i, (_, x, n) in enumerate(candidates)]
+            for i, pair in self._small_pairs(numbered, known, dataset, k).items():
+                withheld.setdefault(candidates[i][0], ("difference", explain(pair.earlier, True)))
+            frontier = []
+            for row, x, n in candidates:
+                if row not in withheld:
+                    derived.setdefault(row, []).append((x, n))
+                    frontier.append((row, x))
+        return withheld, {r: xs for r, xs in derived.items() if r not in withheld}
+
+    # -- step 4 ---------------------------------------------------------------------------
+    @staticmethod
+    def _exact_row(plan: NoisyPlan, row: Sequence[Any], n_dims: int) -> tuple[Any, ...]:
+        """The bounded row as disclose() reads it: dims, persons, then one value per measure
+        (a mean from its bounded sum and count)."""
+        if not plan.lower_bounds_hold(row):
+            # Negative amounts would break the published sensitivity: refuse, never guess.
+            raise StoreUnavailable("a bounded value lies below its published lower bound")
+        values = dict(zip([s.name for s in plan.series],
+                          row[n_dims + 3 : n_dims + 3 + len(plan.series)], strict=True))
+        out: list[Any] = [*row[:n_dims], row[n_dims]]
+        for m in plan.measures:
+            if m.fn in ("count_persons", "count"):
+                out.append(values[m.alias])
+            else:
+                total = values[f"_nsum_{m.field}"]
+                if m.fn == "sum":
+                    out.append(total)
+                else:
+                    count = values[f"_ncnt_{m.field}"]
+                    out.append(None if not count else Decimal(str(total)) / Decimal(count))
+        return tuple(out)
+
+    def _subtotals(
+        self, table_key: str, plan: NoisyPlan, noisy_rows: Sequence[Sequence[Any]],
+        n_dims: int, missing: Sequence[tuple[int, str]], key_of: Mapping[tuple[int, str], str],
+    ) -> dict[str, int]:
+        """Answers of cells that a stored finer table (same filters and series, more
+        dimensions) adds up to: the sum of its stored noisy cells, free and consistent."""
+        if not missing:
+            return {}
+        mine = list(plan.dimensions)
+        for dims, cells in self.state.stored_tables(table_key):
+            if not set(mine) < set(dims):
+                continue
+            at = [dims.index(d) for d in mine]
+            keys = sorted({k for _, by_series in cells for k in by_series.values()})
+            values = self.state.stored_answers(keys)
+            if len(values) != len(keys):
+                continue
+            sums: dict[tuple[str, str], int] = {}
+            for group, by_series in cells:
+                projected = json.dumps([group[i] for i in at], default=str)
+                for name, key in by_series.items():
+                    sums[(projected, name)] = sums.get((projected, name), 0) + values[key]
+            free: dict[str, int] = {}
+            for r, name in missing:
+                projected = json.dumps(list(noisy_rows[r][:n_dims]), default=str)
+                free[key_of[(r, name)]] = sums.get((projected, name), 0)
+            return free
+        return {}
+
+    def _add_noise(
+        self, plan: NoisyPlan, result: DisclosedResult, noisy_rows: Sequence[Sequence[Any]],
+        n_dims: int, data_version: str, dataset: str, options: DisclosureOptions,
+        grant_id: str | None, table_key: str,
+    ) -> tuple[DisclosedResult, dict[str, Any], float]:
+        assert options.budget_epsilon is not None  # noqa: S101 - checked with the options
+        n_measures = len(plan.measures)
+        n_rows = len(result.rows)
+        live = [r for r in range(n_rows) if not _all_withheld(result, r, n_measures)]
+        # Every cell gets its answer, withheld ones too (paid by the same ε: the cells are
+        # disjoint), so that sub-totals can later be summed from this table.
+        key_of: dict[tuple[int, str], str] = {}
+        for series in plan.series:
+            for r in range(n_rows):
+                row = noisy_rows[r]
+                key_of[(r, series.name)] = _answer_key(
+                    data_version, dataset, series.name, series.bounds or plan.spec.max_records,
+                    row[n_dims + 2], row[n_dims + 1])
+        stored = self.state.stored_answers(sorted(set(key_of.values())))
+        missing = [rk for rk, key in key_of.items() if key not in stored]
+        free = self._subtotals(table_key, plan, noisy_rows, n_dims, missing, key_of)
+        fresh: dict[str, int] = {}
+        for j, series in enumerate(plan.series):
+            rows_needed = [r for r in range(n_rows) if (r, series.name) in missing
+                           and key_of[(r, series.name)] not in free]
+            exact = [to_units(noisy_rows[r][n_dims + 3 + j], series.kind) for r in rows_needed]
+            sampled = self.sampler.add(plan.spec.mechanism, plan.scales[j], exact)
+            for r, value in zip(rows_needed, sampled, strict=True):
+                fresh[key_of[(r, series.name)]] = value
+        now = self.clock()
+        gid = grant_id or "none"
+        period = budget_period(options.budget_period or "month", now, gid)
+        charges = [
+            BudgetCharge(f"grant:{gid}", period, round(plan.epsilon * MICRO),
+                         round(options.budget_epsilon * MICRO)),
+            BudgetCharge(f"dataset:{data_version}:{dataset}", "all",
+                         round(plan.epsilon * MICRO),
+                         round((options.dataset_epsilon_cap or 0) * MICRO)),
+        ]
+        spent = (self.state.spend_and_store(fresh, charges, now_ns=int(now * 1e9), free=free)
+                 if fresh or free else None)
+        answers = {**stored, **(spent.answers if spent else {})}
+        self.state.store_table(
+            table_key, plan.dimensions,
+            [[list(noisy_rows[r][:n_dims]), {s.name: key_of[(r, s.name)] for s in plan.series}]
+             for r in range(n_rows)], now_ns=int(now * 1e9))
+        rows = [list(r) for r in result.rows]
+        for r in live:
+            for i, m in enumerate(plan.measures):
+                if rows[r][n_dims + i] is None:
+                    continue  # withheld (dominance): stays withheld
+                if m.fn in ("count_persons", "count"):
+                    rows[r][n_dims + i] = max(answers[key_of[(r, m.alias)]], 0)
+                    continue
+                total = answers[key_of[(r, f"_nsum_{m.field}")]] / 100
+                if m.fn == "sum":
+                    rows[r][n_dims + i] = round(total, 2)
+                else:
+                    count = max(answers[key_of[(r, f"_ncnt_{m.field}")]], 1)
+                    rows[r][n_dims + i] = round(total / count, 2)
+        charged = (spent.charged_micro / MICRO) if spent else 0.0
+        remaining = spent.remaining_micro if spent else {}
+        grant_left = remaining.get(f"grant:{gid}")
+        if grant_left is None:
+            grant_left = round(options.budget_epsilon * MICRO) - self.state.budget_spent(
+                f"grant:{gid}", period)
+        budget = {
+            "epsilon_charged": charged,
+            "period": period,
+            "grant_epsilon": options.budget_epsilon,
+            "grant_remaining": grant_left / MICRO,
+            "answers_reused": charged == 0,
+            "from_finer_table": len(free),
+        }
+        notes = [*result.notes,
+                 f"noise: {plan.spec.mechanism}, ε = {plan.epsilon} per query over person-years "
+                 "(bounds in disclosure.noise); an answer asked again is the stored one, free"]
+        return replace(result, rows=rows, notes=notes), budget, charged
+
+    # -- step 5 ---------------------------------------------------------------------------
+    @staticmethod
+    def _round(result: DisclosedResult, compiled: CompiledQuery, n_dims: int,
+               step: int) -> DisclosedResult:
+        if step <= 1:
+            return result
+        counts = [n_dims + i for i, name in enumerate(compiled.measures)
+                  if name not in compiled.measure_fields
+                  and not name.startswith(("sum_", "mean_"))]
+        rows = [list(r) for r in result.rows]
+        for row in rows:
+            for c in counts:
+                if row[c] is not None:
+                    row[c] = round_count(int(row[c]), step)
+        return replace(result, rows=rows,
+                       notes=[*result.notes, f"counts rounded to multiples of {step}"])
+
+
+@dataclass
+class _Known:
+    count: int
+    cells: list[ReleasedCell] = field(default_factory=list)  # sorted by person count
+    index: BoxIndex = field(default_factory=BoxIndex)
+    newest_ns: int = 0
+
+    def merge(self, rows: Sequence[tuple[ReleasedRow, int]]) -> None:
+        added = False
+        for row, at in rows:
+            box = tuple((d, tuple(vs)) for d, vs in row.box)
+            self.newest_ns = max(self.newest_ns, at)
+            if box in self.index:
+                continue
+            self.cells.append(ReleasedCell(box, row.n_persons, row.release_id, row.org))
+            self.index.add(box)
+            added = True
+        if added:
+            self.cells.sort(key=lambda c: c.n_persons)
+
+    def by_box(self, box: Box) -> ReleasedCell | None:
+        for cell in self.cells:
+            if cell.box == box:
+                return cell
+        return None
+
+
+def _all_withheld(result: DisclosedResult, row: int, n_measures: int) -> bool:
+    for cell in result.suppressed:
+        if cell.row == row:
+            return len(cell.measures) >= n_measures
+    return False
+
+
+def _answer_key(data_version: str, dataset: str, series: str, bound: Any, fingerprint: Any,
+                records: Any) -> str:
+    """What a stored answer is keyed by: the records the cell covers (their fingerprint and
+    number), the series and its published bound, the data version."""
+    text = json.dumps([data_version, dataset, series, bound, str(fingerprint), str(records)],
+                      separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
