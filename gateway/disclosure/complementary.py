@@ -29,9 +29,11 @@ totals alone reveal; this result adds nothing to it (reported in ``unresolved``)
 
 from __future__ import annotations
 
+import heapq
 from collections import defaultdict
-from collections.abc import Hashable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -62,7 +64,18 @@ class Table:
     persons: Sequence[int]
 
     def lines(self) -> list[list[int]]:
-        """Every 1-D line (cells sharing all dimension values but one), as row indexes."""
+        """Every 1-D line (cells sharing all dimension values but one), as row indexes.
+
+        Dimension by dimension, lines in order of their first row, rows ascending.
+
+        >>> Table(keys=[("a", 1), ("a", 2), ("b", 1)], persons=[1, 1, 1]).lines()
+        [[0, 2], [1], [0, 1], [2]]
+        """
+        return [list(line) for line in self._lines]
+
+    @cached_property
+    def _lines(self) -> list[list[int]]:
+        # Computed once per result: counts and sums are protected on the same table.
         if not self.keys:
             return []
         k = len(self.keys[0])
@@ -77,11 +90,13 @@ class Table:
     def known_lines(self, sensitive: Iterable[int], min_cell_size: int) -> list[list[int]]:
         """The lines whose totals the attacker is assumed to know (see the module text)."""
         sensitive = set(sensitive)
+        persons = self.persons
         known = []
-        for line in self.lines():
-            if sum(self.persons[r] for r in line) < min_cell_size:
-                continue
-            if len(line) == 1 and line[0] in sensitive:
+        for line in self._lines:
+            if len(line) == 1:
+                if line[0] in sensitive or persons[line[0]] < min_cell_size:
+                    continue
+            elif sum(persons[r] for r in line) < min_cell_size:
                 continue
             known.append(line)
         return known
@@ -105,6 +120,56 @@ def _component(start: int, pattern: set[int], lines_of: dict[int, list[list[int]
                     seen.add(other)
                     todo.append(other)
     return sorted(seen)
+
+
+class _LineRule:
+    """The line rule, incrementally: a known line holding exactly one suppressed cell gets a
+    second one. Only lines touched by a new suppression are looked at again (a worklist over
+    per-line counts of suppressed cells), in the order of repeated sweeps over the lines — the
+    pattern is the one the plain "sweep until nothing changes" loop gives, in time linear in
+    the cells touched rather than sweeps × lines."""
+
+    def __init__(
+        self,
+        known: Sequence[Sequence[int]],
+        pattern: set[int],
+        order: Callable[[int], tuple[bool, int, int]],
+    ) -> None:
+        self.known = known
+        self.pattern = pattern
+        self.order = order
+        self.line_ids: dict[int, list[int]] = defaultdict(list)
+        for i, line in enumerate(known):
+            for r in line:
+                self.line_ids[r].append(i)
+        self.inside = [len(pattern.intersection(line)) for line in known]
+        self.pending = [i for i, n in enumerate(self.inside) if n == 1 and len(known[i]) > 1]
+        heapq.heapify(self.pending)
+
+    def add(self, cell: int) -> None:
+        """Suppress one more cell (from the audit) and queue the lines it touches."""
+        self.pattern.add(cell)
+        for i in self.line_ids.get(cell, []):
+            self.inside[i] += 1
+            if self.inside[i] == 1 and len(self.known[i]) > 1:
+                heapq.heappush(self.pending, i)
+
+    def run(self) -> None:
+        """Sweep until no known line holds exactly one suppressed cell."""
+        while self.pending:  # one sweep per pass
+            current, self.pending = self.pending, []
+            while current:
+                i = heapq.heappop(current)
+                if self.inside[i] != 1:
+                    continue
+                chosen = min((r for r in self.known[i] if r not in self.pattern),
+                             key=self.order)
+                self.pattern.add(chosen)
+                for j in self.line_ids.get(chosen, []):
+                    self.inside[j] += 1
+                    if self.inside[j] == 1 and len(self.known[j]) > 1:
+                        # a later line is met in this sweep, an earlier one in the next
+                        heapq.heappush(current if j > i else self.pending, j)
 
 
 def feasible_interval(
@@ -185,16 +250,9 @@ def complementary_suppression(
 
     unresolved: set[int] = set()
     exact = True
+    lines = _LineRule(known, pattern, order)
     while True:
-        changed = True
-        while changed:  # the line rule
-            changed = False
-            for line in known:
-                inside = [r for r in line if r in pattern]
-                outside = [r for r in line if r not in pattern]
-                if len(inside) == 1 and outside:
-                    pattern.add(min(outside, key=order))
-                    changed = True
+        lines.run()
         if max_exact_cells is not None and len(table.persons) > max_exact_cells:
             exact = False
             break
@@ -227,7 +285,7 @@ def complementary_suppression(
                 break
             if trial[1] - trial[0] > best[0] + _REL_TOL:
                 best = (trial[1] - trial[0], r)
-        pattern.add(best[1] if chosen is None else chosen)
+        lines.add(best[1] if chosen is None else chosen)
     unresolved = {
         cell
         for cell in unresolved

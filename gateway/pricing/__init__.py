@@ -14,6 +14,7 @@ from gateway.pricing.simulate import (
     payouts,
     simulate_cell,
     summarize,
+    summary_from_totals,
 )
 
 __all__ = [
@@ -30,4 +31,5 @@ __all__ = [
     "payouts",
     "simulate_cell",
     "summarize",
+    "summary_from_totals",
 ]

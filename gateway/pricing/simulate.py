@@ -27,6 +27,7 @@ __all__ = [
     "payouts",
     "simulate_cell",
     "summarize",
+    "summary_from_totals",
 ]
 
 FloatArray = npt.NDArray[np.float64]
@@ -205,31 +206,51 @@ def summarize(
     ):
         raise ValidationFailed("target_loss_ratio: must be > 0")
 
-    total_exposure = float(exp.sum())
-    total = float(pay.sum())
-    claimants = int(np.count_nonzero(pay > 0))
-    pure = _ratio(total, total_exposure)
-
-    tail = []
+    tails = []
     for a in points:
         over = pay[pay > a]  # few elements for high attachments: cheaper than a full max()
-        tail.append(
-            TailShare(
-                attachment=a,
-                share=_ratio(float((over - a).sum()), total),
-                claimants_above=int(over.size),
-            )
-        )
-
-    return CellSummary(
+        tails.append((a, float((over - a).sum()), int(over.size)))
+    return summary_from_totals(
         person_years=int(pay.size),
-        exposure=total_exposure,
+        exposure=float(exp.sum()),
+        claimants=int(np.count_nonzero(pay > 0)),
+        total_payout=float(pay.sum()),
+        tails=tails,
+        premium=premium,
+        target_loss_ratio=target_loss_ratio,
+    )
+
+
+def summary_from_totals(
+    *,
+    person_years: int,
+    exposure: float,
+    claimants: int,
+    total_payout: float,
+    tails: Sequence[tuple[float, float, int]],
+    premium: float | None = None,
+    target_loss_ratio: float | None = None,
+) -> CellSummary:
+    """A cell's figures from its totals: ``tails`` holds, per attachment point ``a``,
+    ``(a, Σ max(p_i − a, 0), #{i : p_i > a})``. :func:`summarize` computes these totals from
+    the arrays; the pricing endpoint gets them from DuckDB (:mod:`gateway.pricing.sql`).
+
+    >>> s = summary_from_totals(person_years=4, exposure=3.0, claimants=2, total_payout=24_000,
+    ...                         tails=[(10_000, 10_000, 1)], premium=12_000)
+    >>> s.pure_premium, s.tail[0].share, s.expected_loss_ratio
+    (8000.0, 0.4166666666666667, 0.6666666666666666)
+    """
+    pure = _ratio(total_payout, exposure)
+    return CellSummary(
+        person_years=person_years,
+        exposure=exposure,
         claimants=claimants,
-        total_payout=total,
-        claim_frequency=_ratio(claimants, total_exposure),
+        total_payout=total_payout,
+        claim_frequency=_ratio(claimants, exposure),
         pure_premium=pure,
-        mean_payout_per_claimant=_ratio(total, claimants),
-        tail=tuple(tail),
+        mean_payout_per_claimant=_ratio(total_payout, claimants),
+        tail=tuple(TailShare(attachment=a, share=_ratio(amount, total_payout),
+                             claimants_above=above) for a, amount, above in tails),
         premium=premium,
         target_loss_ratio=target_loss_ratio,
         implied_premium=(

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
+import pyarrow as pa
 
 from gateway.errors import QueryTimeout, StoreUnavailable
 
@@ -153,6 +154,22 @@ class QueryStore:
             yield cur, version
         finally:
             cur.close()
+
+    def fetch_arrow(self, sql: str) -> tuple[pa.Table, str]:
+        """Run one read-only statement with the time limit; the result as an Arrow table (no
+        Python object per value), and the data version."""
+        with self.cursor() as (cur, version):
+            timer = threading.Timer(self.timeout_s, cur.interrupt)
+            timer.start()
+            try:
+                table = cur.sql(sql).to_arrow_table()
+            except duckdb.InterruptException as exc:
+                raise QueryTimeout("query exceeded its time limit") from exc
+            except duckdb.Error as exc:
+                raise StoreUnavailable("query store error") from exc
+            finally:
+                timer.cancel()
+        return table, version
 
     def fetch(
         self, sql: str, params: list[Any] | None = None

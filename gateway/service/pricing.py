@@ -1,51 +1,46 @@
 """The pricing use case: simulate 惠民保 products over granted person-year cells.
 
 One policy decision (a ``query.aggregate`` over ``person_years`` summing the fields the benefit
-rule reads), one SQL statement (sqlglot, values as literals), the pure core of
-:mod:`gateway.pricing` per cell and product, disclosure control on every figure, one audit entry
-(``pricing.simulate``) whatever the outcome. See ``docs/pricing.md``.
+rule reads), one SQL statement (:mod:`gateway.pricing.sql`: the benefit rule applied by DuckDB
+to every person-year, one row of figures per cell and one overall, fetched through Arrow),
+the pure core of :mod:`gateway.pricing` for each cell's figures and limit checks, disclosure
+control on every figure, one audit entry (``pricing.simulate``) whatever the outcome. See
+``docs/pricing.md``.
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
+from decimal import Decimal
 from typing import Any
 
 import numpy as np
 import orjson
-from sqlglot import exp
 
 from gateway.auth.tokens import Principal
-from gateway.catalog import Dataset, FieldType
 from gateway.disclosure.complementary import MAX_EXACT_CELLS, Table, complementary_suppression
 from gateway.disclosure.rules import CellContribution, magnitude_sensitivity
-from gateway.errors import GatewayError, QueryRejected
+from gateway.errors import GatewayError, QueryRejected, StoreUnavailable
 from gateway.pricing import (
     CellSummary,
     LimitCheck,
     Product,
     all_binding_passed,
     check_cell,
-    insured_selfpay,
-    payouts,
-    summarize,
+    summary_from_totals,
 )
 from gateway.pricing.request import PricingRequest
-from gateway.pricing.simulate import FloatArray
+from gateway.pricing.sql import BENEFIT_FIELDS, pricing_statement
 from gateway.service.gateway import Audited, Gateway
 
-__all__ = ["ACTION", "BENEFIT_FIELDS", "DATASET", "build_sql", "simulate"]
+__all__ = ["ACTION", "BENEFIT_FIELDS", "DATASET", "simulate"]
 
 ACTION = "pricing.simulate"
 DATASET = "person_years"
-# What the benefit rule reads (insured_selfpay's arguments) and the exposure it is priced over.
-BENEFIT_FIELDS = ("inscp_scp_amt", "hifp_pay", "hifmi_pay", "fulamt_ownpay_amt",
-                  "overlmt_selfpay", "exposure")
-_PERSON = "_psn"
 _RATIO_CHECKS = frozenset({"ratio_in_list", "ratio_out_of_list", "loss_ratio"})
-
-IntArray = np.ndarray[Any, np.dtype[np.int64]]
+_PAYOUT_FIGURES = ("pure_premium", "mean_payout_per_claimant", "total_payout",
+                   "implied_premium", "expected_loss_ratio")
 
 
 def _money(value: float | None) -> float | None:
@@ -56,81 +51,47 @@ def _ratio(value: float | None) -> float | None:
     return None if value is None else round(value, 6)
 
 
-def _literal(dataset: Dataset, name: str, value: str) -> exp.Expression:
-    if dataset.dimensions[name].type is FieldType.INTEGER:
-        try:
-            return exp.Literal.number(int(value))
-        except ValueError as exc:
-            raise QueryRejected(f"filter on {name} needs integer values") from exc
-    return exp.Literal.string(value)
+class _Figures:
+    """The statement's result as numpy columns, by name; row ``r`` is a cell or overall."""
+
+    def __init__(self, columns: dict[str, np.ndarray[Any, Any]]) -> None:
+        self.columns = columns
+
+    def count(self, name: str, r: int) -> int:
+        value = self.columns[name][r]
+        return 0 if value is None else int(value)
+
+    def amount(self, name: str, r: int) -> float:
+        value = self.columns[name][r]
+        return 0.0 if value is None or value != value else float(value)  # NULL / NaN → 0
 
 
-def build_sql(request: PricingRequest, dataset: Dataset) -> str:
-    """The one statement: the cell's dimensions, the person and the benefit fields per row.
-
-    >>> from gateway.catalog import default_catalog
-    >>> ds = default_catalog().datasets["person_years"]
-    >>> r = PricingRequest(products=[{"name": "x", "deductible": 0, "ratio_in_list": 1,
-    ...     "ratio_out_of_list": 1, "cap": 1}], dimensions=["gend"], year=2024)
-    >>> print(build_sql(r, ds))  # doctest: +NORMALIZE_WHITESPACE
-    SELECT gend, psn_id AS _psn, COALESCE(inscp_scp_amt, 0) AS inscp_scp_amt,
-    COALESCE(hifp_pay, 0) AS hifp_pay, COALESCE(hifmi_pay, 0) AS hifmi_pay,
-    COALESCE(fulamt_ownpay_amt, 0) AS fulamt_ownpay_amt,
-    COALESCE(overlmt_selfpay, 0) AS overlmt_selfpay, COALESCE(exposure, 0) AS exposure
-    FROM person_years WHERE year IN (2024) ORDER BY gend, _psn
-    """
-    filters = request.policy_filters()
-    for name in [*request.dimensions, *filters]:
-        if name not in dataset.dimensions:
-            raise QueryRejected(f"{name} is not a dimension of {DATASET}")
-    for name in BENEFIT_FIELDS:
-        if name not in dataset.measures:
-            raise QueryRejected(f"{name} is not a measure of {DATASET}")
-    selects: list[exp.Expr] = [exp.column(d) for d in request.dimensions]
-    selects.append(exp.column(dataset.person_key).as_(_PERSON))
-    selects += [
-        exp.Coalesce(this=exp.column(f), expressions=[exp.Literal.number(0)]).as_(f)
-        for f in BENEFIT_FIELDS
-    ]
-    tree = exp.select(*selects).from_(exp.to_table(dataset.table))
-    for name, values in sorted(filters.items()):
-        tree = tree.where(exp.In(this=exp.column(name),
-                                 expressions=[_literal(dataset, name, v) for v in values]))
-    tree = tree.order_by(*[exp.column(d) for d in request.dimensions], exp.column(_PERSON))
-    return tree.sql(dialect="duckdb")
-
-
-def _distinct(persons: IntArray, mask: np.ndarray[Any, np.dtype[np.bool_]] | None = None) -> int:
-    return int(np.unique(persons if mask is None else persons[mask]).size)
-
-
-def _magnitude(persons: IntArray, pay: FloatArray) -> str | None:
-    """Dominance / p% on the cell's payout, with each person's payouts over the cell summed."""
-    positive = pay > 0
-    if not positive.any():
-        return None
-    _, inverse = np.unique(persons[positive], return_inverse=True)
-    per_person = np.bincount(inverse, weights=pay[positive])
-    top = np.sort(per_person)[::-1]
-    contribution = CellContribution(
-        total=float(per_person.sum()),
-        top1=float(top[0]),
-        top2=float(top[1]) if top.size > 1 else 0.0,
+def _summary(f: _Figures, r: int, j: int, points: Sequence[float],
+             product: Product) -> CellSummary:
+    return summary_from_totals(
+        person_years=f.count("person_years", r),
+        exposure=f.amount("exposure", r),
+        claimants=f.count(f"claimants_{j}", r),
+        total_payout=f.amount(f"total_{j}", r),
+        tails=[(a, f.amount(f"tail_{j}_{i}", r), f.count(f"above_{j}_{i}", r))
+               for i, a in enumerate(points)],
+        premium=product.premium,
+        target_loss_ratio=product.target_loss_ratio,
     )
-    return magnitude_sensitivity(contribution)
 
 
 def _release(
     summary: CellSummary,
-    persons: IntArray,
-    pay: FloatArray,
+    f: _Figures,
+    r: int,
+    j: int,
     points: Sequence[float],
     min_cell_size: int,
+    rules: tuple[Decimal, Decimal],
 ) -> tuple[dict[str, Any], str | None, CellSummary | None]:
     """The released figures of one cell, its suppression reason, and the summary safe to check
     limits against (None when the payout figures are withheld)."""
-    n_persons = _distinct(persons)
-    if n_persons < min_cell_size:
+    if f.count("persons", r) < min_cell_size:
         figures: dict[str, Any] = {
             "person_years": None, "exposure": None, "claimants": None, "claim_frequency": None,
             "pure_premium": None, "mean_payout_per_claimant": None, "total_payout": None,
@@ -142,8 +103,15 @@ def _release(
         "person_years": summary.person_years,
         "exposure": _money(summary.exposure),
     }
-    claimant_persons = _distinct(persons, pay > 0)
-    reason = "few_claimants" if claimant_persons < min_cell_size else _magnitude(persons, pay)
+    reason: str | None
+    if f.count(f"claimant_persons_{j}", r) < min_cell_size:
+        reason = "few_claimants"
+    else:
+        # dominance / p% on each person's payouts in the cell, added up over their years
+        k, p = rules
+        reason = magnitude_sensitivity(CellContribution(
+            total=f.amount(f"total_{j}", r), top1=f.amount(f"top1_{j}", r),
+            top2=f.amount(f"top2_{j}", r)), k=k, p=p)
     if reason is not None:
         counts_ok = reason != "few_claimants"
         figures.update({
@@ -155,8 +123,8 @@ def _release(
         })
         return figures, reason, None
     tail = []
-    for share in summary.tail:
-        above = _distinct(persons, pay > share.attachment)
+    for i, share in enumerate(summary.tail):
+        above = f.count(f"above_persons_{j}_{i}", r)
         tail.append({"attachment": share.attachment,
                      "share": _ratio(share.share) if above >= min_cell_size else None})
     figures.update({
@@ -175,24 +143,19 @@ def _release(
 def _protect_complements(
     cells_json: list[dict[str, Any]],
     reasons: list[str | None],
-    runs: Sequence[tuple[tuple[Any, ...], int, int]],
-    persons: IntArray,
-    exposure: FloatArray,
-    pay: FloatArray,
+    table: Table,
+    exposures: list[float],
+    totals: list[float],
     points: Sequence[float],
     min_cell_size: int,
 ) -> None:
     """Complementary suppression across the cells of one product (in place): no withheld
     exposure or payout can be rebuilt from the released cells and the line totals (the
     ``overall`` figures, or a coarser request). Extra cells get reason ``secondary``."""
-    if len(runs) < 2 or all(r is None for r in reasons):
+    if len(cells_json) < 2 or all(r is None for r in reasons):
         return
-    table = Table(keys=[key for key, _, _ in runs],
-                  persons=[_distinct(persons[a:b]) for _, a, b in runs])
     all_hidden = {i for i, r in enumerate(reasons) if r == "primary"}
     pay_hidden = {i for i, r in enumerate(reasons) if r is not None}
-    exposures = [float(exposure[a:b].sum()) for _, a, b in runs]
-    totals = [float(pay[a:b].sum()) for _, a, b in runs]
     extra_all: frozenset[int] = frozenset()
     if all_hidden:
         extra_all = complementary_suppression(
@@ -201,14 +164,12 @@ def _protect_complements(
     extra_pay = complementary_suppression(
         table, pay_hidden, [totals], min_cell_size=min_cell_size,
         also_suppressed=extra_all, max_exact_cells=MAX_EXACT_CELLS).secondary
-    payout_figures = ["pure_premium", "mean_payout_per_claimant", "total_payout",
-                      "implied_premium", "expected_loss_ratio"]
     for i in sorted(extra_all | extra_pay):
         if i in extra_all:
             cells_json[i].update(dict.fromkeys(
-                [*payout_figures, "person_years", "exposure", "claimants", "claim_frequency"]))
+                [*_PAYOUT_FIGURES, "person_years", "exposure", "claimants", "claim_frequency"]))
         elif reasons[i] is None:
-            cells_json[i].update(dict.fromkeys(payout_figures))
+            cells_json[i].update(dict.fromkeys(_PAYOUT_FIGURES))
         else:
             continue  # its payout figures are already withheld
         cells_json[i]["tail"] = [{"attachment": a, "share": None} for a in points]
@@ -228,21 +189,6 @@ def _limits(product: Product, overall: CellSummary | None,
                              else _money(c.figure)})
         for c in checks
     ]
-
-
-def _cells(dim_columns: list[tuple[Any, ...]], n_rows: int) -> list[tuple[tuple[Any, ...], int,
-                                                                          int]]:
-    """(key, start, stop) of each run of equal dimension values (rows come sorted by them)."""
-    if not dim_columns:
-        return [((), 0, n_rows)] if n_rows else []
-    keys = list(zip(*dim_columns, strict=True))
-    runs: list[tuple[tuple[Any, ...], int, int]] = []
-    start = 0
-    for i in range(1, n_rows + 1):
-        if i == n_rows or keys[i] != keys[start]:
-            runs.append((keys[start], start, i))
-            start = i
-    return runs
 
 
 def simulate(gateway: Gateway, principal: Principal, request: PricingRequest) -> Audited:
@@ -272,47 +218,50 @@ def simulate(gateway: Gateway, principal: Principal, request: PricingRequest) ->
         dataset = gateway.catalog.datasets.get(DATASET)
         if dataset is None:
             raise QueryRejected(f"unknown dataset {DATASET}")
-        sql = build_sql(request, dataset)
-        _, rows, data_version = gateway.store.fetch(sql)
-        n_dims = len(request.dimensions)
-        columns = list(zip(*rows, strict=True)) if rows else [()] * (n_dims + 1 +
-                                                                     len(BENEFIT_FIELDS))
-        runs = _cells(columns[:n_dims], len(rows))
-        if len(runs) > obligations.max_rows:
+        tree, _ = pricing_statement(dataset, request.dimensions, filters, request.products,
+                                    points)
+        arrow, data_version = gateway.store.fetch_arrow(tree.sql(dialect="duckdb"))
+        figures = _Figures({name: arrow.column(name).to_numpy(zero_copy_only=False)
+                            for name in arrow.column_names})
+        flags = arrow.column("_all_cells").to_pylist()
+        overall_row = arrow.num_rows - 1  # the overall row comes last (there always is one)
+        if overall_row < 0 or not flags[overall_row]:
+            raise StoreUnavailable("pricing statement returned no overall row")
+        if request.dimensions:
+            cell_rows = [r for r in range(overall_row) if not flags[r]]
+        else:  # the one cell is the overall row (none when nothing matched)
+            cell_rows = [0] if figures.count("person_years", 0) else []
+        if len(cell_rows) > obligations.max_rows:
             raise QueryRejected(
-                f"{len(runs)} cells exceed the grant's {obligations.max_rows}")
-        persons: IntArray = np.asarray(columns[n_dims], dtype=np.int64)
-        values = {f: np.asarray(columns[n_dims + 1 + i], dtype=np.float64)
-                  for i, f in enumerate(BENEFIT_FIELDS)}
-        in_list, out_of_list = insured_selfpay(
-            values["inscp_scp_amt"], values["hifp_pay"], values["hifmi_pay"],
-            values["fulamt_ownpay_amt"], values["overlmt_selfpay"])
-        exposure = values["exposure"]
+                f"{len(cell_rows)} cells exceed the grant's {obligations.max_rows}")
+        keys = [tuple(arrow.column(d)[r].as_py() for d in request.dimensions)
+                for r in cell_rows]
+        table = Table(keys=keys, persons=[figures.count("persons", r) for r in cell_rows])
+        rules = gateway.magnitude_rules(common.get("grant_id"))
         products_json: list[dict[str, Any]] = []
         released = suppressed = 0
-        for product in request.products:
-            pay = payouts(in_list, out_of_list, product)
+        for j, product in enumerate(request.products):
             cells_json = []
             reasons: list[str | None] = []
-            for key, start, stop in runs:
-                summary = summarize(exposure[start:stop], pay[start:stop], points,
-                                    premium=product.premium,
-                                    target_loss_ratio=product.target_loss_ratio)
-                figures, reason, _ = _release(summary, persons[start:stop], pay[start:stop],
-                                              points, min_cell_size)
+            for key, r in zip(keys, cell_rows, strict=True):
+                summary = _summary(figures, r, j, points, product)
+                shown, reason, _ = _release(summary, figures, r, j, points, min_cell_size,
+                                            rules)
                 cells_json.append({**dict(zip(request.dimensions, key, strict=True)),
-                                   **figures, "suppressed": reason})
+                                   **shown, "suppressed": reason})
                 reasons.append(reason)
-            _protect_complements(cells_json, reasons, runs, persons, exposure, pay, points,
-                                 min_cell_size)
+            _protect_complements(
+                cells_json, reasons, table,
+                [figures.amount("exposure", r) for r in cell_rows],
+                [figures.amount(f"total_{j}", r) for r in cell_rows], points, min_cell_size)
             for reason in reasons:
                 if reason is None:
                     released += 1
                 else:
                     suppressed += 1
-            total = summarize(exposure, pay, points, premium=product.premium,
-                              target_loss_ratio=product.target_loss_ratio)
-            overall, overall_reason, safe = _release(total, persons, pay, points, min_cell_size)
+            total = _summary(figures, overall_row, j, points, product)
+            overall, overall_reason, safe = _release(total, figures, overall_row, j, points,
+                                                     min_cell_size, rules)
             checks = _limits(product, safe, total)
             products_json.append({
                 "name": product.name,
@@ -328,10 +277,11 @@ def simulate(gateway: Gateway, principal: Principal, request: PricingRequest) ->
         gateway.record(principal, ACTION, status=exc.status, decision="error",
                        error_code=exc.code, reasons=[exc.message], **common)
         raise
+    rules = gateway.magnitude_rules(common.get("grant_id"))
     notes = [
         f"cells with fewer than {min_cell_size} persons are suppressed (primary); with fewer "
         f"than {min_cell_size} claimants, or a payout dominated by one or two persons "
-        "(dominance n=2 k=0.90, p% p=0.10), the payout figures are withheld",
+        f"(dominance n=2 k={rules[0]}, p% p={rules[1]}), the payout figures are withheld",
         f"a tail share is withheld when fewer than {min_cell_size} persons are above its "
         "attachment point",
         "claimants count person-years with a payout; group by year to count each person once",

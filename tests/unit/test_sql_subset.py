@@ -150,7 +150,9 @@ def test_accepted_sql_reads_into_the_json_plan_and_returns_the_same_rows(
     # The gateway's path: compiled SQL, disclosure (no cell small enough to hide here), then
     # HAVING / ORDER BY / LIMIT on the released values.
     released = disclose(compiled.dimensions, compiled.measures,
-                        con.execute(compiled.sql).fetchall(), min_cell_size=1, max_rows=10_000)
+                        con.execute(compiled.sql).fetchall(), min_cell_size=1, max_rows=10_000,
+                        contribution_fields=compiled.contribution_fields,
+                        measure_fields=compiled.measure_fields, dominance_k=1, p_percent=0)
     shaped = shape(released, having=query.having, order_by=query.order_by, limit=query.limit,
                    column_of=compiled.column_of, hidden=compiled.hidden)
     got = [tuple(r) for r in shaped.rows]
