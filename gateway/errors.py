@@ -17,10 +17,12 @@ __all__ = [
     "AuditUnavailable",
     "AuthenticationFailed",
     "BadRequest",
+    "BudgetExhausted",
     "CatalogError",
     "Conflict",
     "GatewayError",
     "IngestRejected",
+    "IntegrityViolation",
     "NotFound",
     "PolicyDenied",
     "PolicyEngineError",
@@ -112,10 +114,25 @@ class Conflict(GatewayError):
     exit_code = 6
 
 
+class IntegrityViolation(Conflict):
+    """A store refused a write by a constraint (unique, check, foreign key), whichever
+    database backs it."""
+
+
 class RateLimited(GatewayError):
     code = "rate_limited"
     status = 429
     exit_code = 7
+
+
+class BudgetExhausted(RateLimited):
+    """A privacy budget (the grant's for this period, or the data version's global cap) cannot
+    pay for the release; the details say what remains, never any data."""
+
+    code = "budget_exhausted"
+
+    def __init__(self, message: str, *, remaining: float, scope: str) -> None:
+        super().__init__(message, details={"remaining": remaining, "scope": scope})
 
 
 class QueryTimeout(GatewayError, TimeoutError):

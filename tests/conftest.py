@@ -11,10 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from fastapi.testclient import TestClient
 
 from gateway.api.app import create_app
-from gateway.auth.keys import load_or_create_private_key, load_private_key
+from gateway.auth.keys import load_or_create_private_key, load_private_key, public_key_pem
 from gateway.auth.tokens import ASSERTION_TYPE, make_client_assertion
 from gateway.cli.clients import register_client
 from gateway.ingest.pipeline import LoadReport, ingest
@@ -27,6 +28,10 @@ from tests.postgres import postgres_server, postgres_url  # noqa: F401  (fixture
 CITY_PERSONS = 3000
 CITY_SEED = 11
 PSEUDONYM_KEY = bytes(range(32))
+# The consent service's certno lookup key (apart from the ingest key) and the identity
+# service's signing key (subject sign-in); the gateway holds only its public half.
+LOOKUP_KEY = bytes(range(100, 132))
+IDENTITY_KEY = Ed25519PrivateKey.from_private_bytes(bytes(range(200, 232)))
 BASE_URL = "http://testserver"
 
 PRICING_GRANT: dict[str, Any] = {
@@ -72,7 +77,8 @@ class LoadedStore:
 @pytest.fixture(scope="session")
 def loaded_store(city: CityFiles, tmp_path_factory: pytest.TempPathFactory) -> LoadedStore:
     store_dir = tmp_path_factory.mktemp("store")
-    report = ingest(city.persons, city.settlements, store_dir=store_dir, key=PSEUDONYM_KEY)
+    report = ingest(city.persons, city.settlements, store_dir=store_dir, key=PSEUDONYM_KEY,
+                    lookup_key=LOOKUP_KEY)
     return LoadedStore(store_dir=store_dir, report=report)
 
 
@@ -121,6 +127,8 @@ def make_env(tmp_path: Path, store_dir: Path, signing_key_file: Path,
     (workdir / "keys").mkdir(parents=True)
     shutil.copy(signing_key_file, workdir / "keys" / "gateway-signing.pem")
     load_or_create_private_key(workdir / "keys" / "consent-signing.pem", "EdDSA")
+    (workdir / "keys" / "certno-lookup.key").write_bytes(LOOKUP_KEY)
+    (workdir / "keys" / "identity-service.pub.pem").write_text(public_key_pem(IDENTITY_KEY))
     (workdir / "store").symlink_to(store_dir)
     settings = Settings(workdir=workdir, base_url=BASE_URL)
     credentials: dict[str, dict[str, Any]] = {}

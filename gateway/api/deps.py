@@ -9,7 +9,6 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import Depends, Request
-from starlette.concurrency import run_in_threadpool
 
 from gateway.auth.tokens import Principal
 from gateway.errors import AuthenticationFailed
@@ -36,8 +35,10 @@ async def get_principal(request: Request, gateway: GatewayDep) -> Principal:
         # Signature check only (no I/O): cheap enough for the event loop.
         principal = gateway.tokens.verify(token.strip())
     except AuthenticationFailed as exc:
-        await run_in_threadpool(
-            gateway.record, None, f"auth:{request.method} {request.url.path}", status=401,
+        # Awaited on the event loop: a flood of bad tokens waits for durability without
+        # taking a worker thread each.
+        await gateway.record_async(
+            None, f"auth:{request.method} {request.url.path}", status=401,
             decision="deny", error_code=exc.code, reasons=[exc.message],
         )
         raise

@@ -4,6 +4,7 @@ and offline verifier.
 See ``docs/audit.md`` for the entry fields, the hashing, the checkpoints and the bundle format.
 """
 
+from gateway.audit.backends import open_audit_log
 from gateway.audit.bundle import (
     BUNDLE_FORMAT,
     BUNDLE_FORMAT_V1,
@@ -25,7 +26,7 @@ from gateway.audit.entry import (
     sha256_tag,
     utc_timestamp,
 )
-from gateway.audit.log import AuditLog, StoredRow
+from gateway.audit.log import AuditLog, StoredCheckpoint, StoredRow
 from gateway.audit.merkle import EMPTY_ROOT, NODE_PREFIX, verify_consistency, verify_inclusion
 from gateway.audit.store import SqliteAuditLog
 
@@ -40,6 +41,7 @@ __all__ = [
     "AuditLog",
     "Checkpoint",
     "SqliteAuditLog",
+    "StoredCheckpoint",
     "StoredRow",
     "VerifiedBundle",
     "canonical_json",
@@ -48,6 +50,7 @@ __all__ = [
     "entry_bytes",
     "export_bundle",
     "leaf_hash",
+    "open_audit_log",
     "parse_and_verify_checkpoint",
     "sha256_tag",
     "sign_checkpoint",

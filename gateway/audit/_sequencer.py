@@ -1,16 +1,22 @@
-"""The hand-off between appending threads and the one sequencer thread (internal).
+"""The hand-off between appending callers and the one sequencer thread (internal).
 
-A caller enqueues a :class:`Pending` and blocks on it; the sequencer takes the queue in batches,
-makes a batch durable in one transaction and then wakes every caller of that batch.
+A caller enqueues a :class:`Pending` and waits for it: a thread blocks on a held lock, a
+coroutine awaits an :class:`asyncio.Future`. The sequencer takes the queue in batches, makes a
+batch durable in one transaction and then settles every caller of that batch: thread callers by
+releasing their lock, coroutine callers with **one** ``call_soon_threadsafe`` per event loop per
+batch (a wake-up per entry would cost a syscall each and swamp the loop).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import threading
 import time
 from collections import deque
+from collections.abc import Sequence
 
-__all__ = ["BatchQueue", "Pending", "QueueClosedError", "QueueFullError"]
+__all__ = ["BatchQueue", "Pending", "QueueClosedError", "QueueFullError", "settle"]
 
 
 class QueueFullError(Exception):
@@ -22,29 +28,66 @@ class QueueClosedError(Exception):
 
 
 class Pending:
-    """One entry on its way to the store, and the caller's handle to wait for the outcome."""
+    """One entry on its way to the store, and the caller's handle to wait for the outcome.
 
-    __slots__ = ("_done", "error", "index", "leaf", "text")
+    ``text`` is the leaf's canonical JSON, ``leaf`` its RFC 6962 leaf hash; ``personal`` is the
+    separately stored, erasable personal part (``(salt, json)``) or ``None``.
+    """
 
-    def __init__(self, text: str, leaf: bytes) -> None:
+    __slots__ = ("_done", "error", "future", "index", "leaf", "personal", "text")
+
+    def __init__(
+        self,
+        text: str,
+        leaf: bytes,
+        personal: tuple[bytes, str] | None = None,
+        future: asyncio.Future[int] | None = None,
+    ) -> None:
         self.text = text
         self.leaf = leaf
+        self.personal = personal
         self.index = -1
         self.error: BaseException | None = None
-        # A held lock is the cheapest one-shot signal; the sequencer releases it exactly once.
+        self.future = future
+        # A held lock is the cheapest one-shot signal; the sequencer releases it once.
         self._done = threading.Lock()
-        self._done.acquire()
-
-    def resolve(self, index: int) -> None:
-        self.index = index
-        self._done.release()
-
-    def fail(self, error: BaseException) -> None:
-        self.error = error
-        self._done.release()
+        if future is None:
+            self._done.acquire()
 
     def wait(self) -> None:
+        """Block until settled (thread callers; coroutine callers await ``future``)."""
         self._done.acquire()
+
+
+def settle(batch: Sequence[Pending], first_index: int, error: BaseException | None) -> None:
+    """Give every caller of ``batch`` its index (``first_index`` onwards) or ``error``."""
+    loops: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[int], Pending]]] = {}
+    for offset, pending in enumerate(batch):
+        if error is None:
+            pending.index = first_index + offset
+        else:
+            pending.error = error
+        future = pending.future
+        if future is None:
+            pending._done.release()
+        else:
+            loops.setdefault(future.get_loop(), []).append((future, pending))
+    for loop, items in loops.items():
+        # A loop that has closed has no one left waiting on it.
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(_settle_futures, items)
+
+
+def _settle_futures(items: list[tuple[asyncio.Future[int], Pending]]) -> None:
+    # Runs on the callers' event loop. The exception is built by the awaiting side (log.py),
+    # so only the outcome is recorded here; a cancelled waiter is simply skipped.
+    for future, pending in items:
+        if future.done():
+            continue
+        if pending.error is None:
+            future.set_result(pending.index)
+        else:
+            future.set_exception(pending.error)
 
 
 class BatchQueue:
@@ -102,8 +145,11 @@ class BatchQueue:
                     if remaining <= 0:
                         break
                     self._wait(remaining)
-            n = min(max_batch, len(self._items))
-            return [self._items.popleft() for _ in range(n)]
+            items = self._items
+            if len(items) <= max_batch:
+                self._items = deque()
+                return list(items)
+            return [items.popleft() for _ in range(max_batch)]
 
     def drain(self) -> list[Pending]:
         """Everything still queued (used to fail the callers if the sequencer dies)."""

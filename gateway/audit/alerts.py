@@ -220,6 +220,10 @@ class _Lru(Generic[K, V]):
     def values(self) -> Iterator[V]:
         return iter(self._data.values())
 
+    def items(self) -> Iterator[tuple[K, V]]:
+        """Oldest (least recently touched) first, so putting them back keeps the order."""
+        return iter(self._data.items())
+
     def __len__(self) -> int:
         return len(self._data)
 
@@ -250,6 +254,15 @@ class _Consent:
 
 
 FilterSet = Mapping[str, frozenset[str]]
+_SNAPSHOT_VERSION: Final = 1
+
+
+def _filters_json(filters: frozenset[tuple[str, frozenset[str]]]) -> list[list[Any]]:
+    return sorted([key, sorted(values)] for key, values in filters)
+
+
+def _filters_from_json(data: list[list[Any]]) -> frozenset[tuple[str, frozenset[str]]]:
+    return frozenset((str(key), frozenset(str(v) for v in values)) for key, values in data)
 
 
 def _normalize_filters(raw: Any) -> dict[str, frozenset[str]] | None:
@@ -425,6 +438,81 @@ class AlertEngine:
             size += sum(len(d) + 1 for d in self._pairs.values())
             size += sum(len(c.other_keys) for c in self._consents.values())
             return size
+
+    # -- persistence -----------------------------------------------------------------------
+
+    def snapshot(self) -> bytes:
+        """The engine's whole state as JSON bytes: alerts kept, counters and every rule's
+        windows and baselines, with the config it was built under. :meth:`restore` of it
+        continues exactly where this engine stopped (replaying the log gives the same)."""
+        with self._lock:
+            state = {
+                "version": _SNAPSHOT_VERSION,
+                "config": self.config.model_dump(mode="json"),
+                "last_index": self._last_index,
+                "observed": self._observed,
+                "counts": self._counts,
+                "alerts": [a.model_dump(mode="json") for a in self._alerts],
+                "denies": [[k, list(v)] for k, v in self._denies.items()],
+                "volume": [
+                    [k, [v.bucket, v.first_index, v.count, v.windows_seen, v.fired,
+                         list(v.history), list(v.recent)]]
+                    for k, v in self._volume.items()
+                ],
+                "off_hours": list(self._off_hours.items()),
+                "queries": [
+                    [actor, shape.decode("utf-8"),
+                     [[q.t, q.index, _filters_json(q.filters)] for q in v]]
+                    for (actor, shape), v in self._queries.items()
+                ],
+                "pairs": [
+                    [k, [[t, a, b, [_filters_json(f) for f in key], how]
+                         for t, a, b, key, how in v]]
+                    for k, v in self._pairs.items()
+                ],
+                "consents": [
+                    [k, [v.jkt, v.first_index, sorted(v.other_keys)]]
+                    for k, v in self._consents.items()
+                ],
+            }
+        return orjson.dumps(state)
+
+    @classmethod
+    def restore(cls, data: bytes, config: AlertConfig | None = None) -> AlertEngine | None:
+        """An engine continuing from :meth:`snapshot` ``data``; ``None`` if the data is not a
+        snapshot of this version or was taken under another config (the caller then starts
+        afresh and replays the log)."""
+        engine = cls(config)
+        try:
+            state = orjson.loads(data)
+            if state.get("version") != _SNAPSHOT_VERSION or state.get(
+                "config"
+            ) != engine.config.model_dump(mode="json"):
+                return None
+            engine._last_index = int(state["last_index"])
+            engine._observed = int(state["observed"])
+            engine._counts = {rule: int(state["counts"].get(rule, 0)) for rule in RULES}
+            engine._alerts.extend(Alert.model_validate(a) for a in state["alerts"])
+            for k, v in state["denies"]:
+                engine._denies.put(k, deque((float(t), int(i)) for t, i in v))
+            for k, (bucket, first, count, seen, fired, history, recent) in state["volume"]:
+                engine._volume.put(k, _Volume(bucket, first, count, seen, fired,
+                                              deque(history), deque(recent)))
+            for k, last in state["off_hours"]:
+                engine._off_hours.put(k, float(last))
+            for actor, shape, queries in state["queries"]:
+                engine._queries.put((actor, shape.encode("utf-8")), deque(
+                    _Query(float(t), int(i), _filters_from_json(f)) for t, i, f in queries))
+            for k, pairs in state["pairs"]:
+                engine._pairs.put(k, deque(
+                    (float(t), int(a), int(b),
+                     frozenset(_filters_from_json(f) for f in key), str(how))
+                    for t, a, b, key, how in pairs))
+            for k, (jkt, first, others) in state["consents"]:
+                engine._consents.put(k, _Consent(jkt, int(first), set(others)))
+        except (ValueError, TypeError, KeyError, AttributeError):
+            return None  # not ours, or damaged: replaying the log is always correct
+        return engine
 
     # -- rules -----------------------------------------------------------------------------
 

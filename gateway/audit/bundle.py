@@ -3,13 +3,18 @@
 A bundle is one UTF-8 JSON file::
 
     {"format": "yibao-gateway-audit-bundle/v2", "origin": "<log name>",
-     "entries": [{"index": 0, "entry": {...}, "leaf_hash": "<hex>", "chain_hash": "<hex>"}, ...],
+     "entries": [{"index": 0, "entry": {...}, "leaf_hash": "<hex>", "chain_hash": "<hex>"
+                  [, "personal": {"salt": "<base64>", "data": {...}}]}, ...],
      "head": {"size": N, "chain_hash": "<hex>", "root": "<hex RFC 6962 Merkle root>"},
      "checkpoint": "<C2SP signed checkpoint note for (origin, N, root)>",
      "signature": "<base64 Ed25519 over checkpoint_message(origin, N, head)>",
      "public_key": "<base64 raw 32-byte Ed25519 key, informational only>"}
 
 Format ``v1`` is the same without ``head.root`` and ``checkpoint``; it is still verified.
+``entry`` is the leaf object: personal members are replaced by ``"personal"``, a salted
+commitment. An export made ``with_personal`` carries each entry's stored personal part (unless
+erased), which the verifier checks against that commitment; without it, the bundle holds no
+personal data and still verifies.
 
 The verifier trusts nothing in the file: it checks the shape, recomputes every leaf, the chain
 and the Merkle root from the entry objects, and checks the signature and the checkpoint with
@@ -39,7 +44,15 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 
 from gateway.audit import merkle
 from gateway.audit.checkpoint import Checkpoint, parse_and_verify_checkpoint, sign_checkpoint
-from gateway.audit.entry import GENESIS, HASH_SIZE, canonical_json, chain_hash, leaf_hash
+from gateway.audit.entry import (
+    GENESIS,
+    HASH_SIZE,
+    SALT_SIZE,
+    canonical_json,
+    chain_hash,
+    check_personal,
+    leaf_hash,
+)
 from gateway.audit.log import AuditLog
 from gateway.errors import AuditIntegrityError, BadRequest
 
@@ -62,6 +75,7 @@ PUBLIC_KEY_SIZE: Final = 32
 _TOP_KEYS_V1: Final = ("format", "origin", "entries", "head", "signature", "public_key")
 _TOP_KEYS: Final = (*_TOP_KEYS_V1, "checkpoint")
 _ENTRY_KEYS: Final = ("index", "entry", "leaf_hash", "chain_hash")
+_PERSONAL_KEYS: Final = ("salt", "data")
 _HEAD_KEYS_V1: Final = ("size", "chain_hash")
 _HEAD_KEYS: Final = (*_HEAD_KEYS_V1, "root")
 _HEX_RE: Final = re.compile(r"[0-9a-f]{64}")
@@ -95,9 +109,11 @@ def export_bundle(
     *,
     origin: str,
     key_name: str | None = None,
+    with_personal: bool = False,
 ) -> None:
     """Write every entry of ``log`` (one consistent snapshot) to ``out_path`` as a signed
-    bundle with a signed checkpoint (key name: ``key_name``, by default the origin). The chain
+    bundle with a signed checkpoint (key name: ``key_name``, by default the origin); with
+    ``with_personal`` each entry's personal part (where stored, not erased) too. The chain
     and the Merkle tree are recomputed while writing and the root is compared with the one the
     store's subtree hashes give, so a store that does not verify is never signed:
     :class:`AuditIntegrityError` is raised and no file is left behind."""
@@ -126,10 +142,14 @@ def export_bundle(
                     _fail(f"entry {size}: stored hashes do not match, log not exported", size)
                 if not _is_canonical_object(row.entry_json, data):
                     _fail(f"entry {size}: stored entry is not a canonical JSON object", size)
+                personal = ""
+                if with_personal and row.personal_json is not None and row.personal_salt:
+                    personal = (f',"personal":{{"salt":"{_b64(row.personal_salt)}",'
+                                f'"data":{row.personal_json}}}')
                 # One entry per line: bundles diff and grep well.
                 out.write(
                     f'{"," if size else ""}\n{{"index":{size},"entry":{row.entry_json},'
-                    f'"leaf_hash":"{leaf.hex()}","chain_hash":"{prev.hex()}"}}'
+                    f'"leaf_hash":"{leaf.hex()}","chain_hash":"{prev.hex()}"{personal}}}'
                 )
                 frontier, _ = merkle.extend(size, frontier, [leaf])
                 size += 1
@@ -247,6 +267,9 @@ def verify_bundle_checkpoint(
     stored: list[tuple[dict[str, Any], bytes, bytes]] = []
     for position, item in enumerate(entries):
         where = f"entries[{position}]"
+        if isinstance(item, dict) and "personal" in item:
+            _check_personal_part(item, where, position)
+            item = {k: v for k, v in item.items() if k != "personal"}
         _expect_keys(item, _ENTRY_KEYS, where, index=position)
         index = item["index"]
         if not _is_int(index):
@@ -361,6 +384,23 @@ def _check_previous(
             expected=exc.expected,
             calculated=exc.calculated,
         ) from exc
+
+
+def _check_personal_part(item: dict[str, Any], where: str, position: int) -> None:
+    """A personal part carried in a bundle must open its leaf's commitment."""
+    part = item["personal"]
+    _expect_keys(part, _PERSONAL_KEYS, f"{where}.personal", index=position)
+    salt = _b64_bytes(part["salt"], SALT_SIZE, f"{where}.personal: salt")
+    if not isinstance(part["data"], dict):
+        _fail(f"{where}.personal: data is not an object", position)
+    entry = item.get("entry")
+    commitment = entry.get("personal") if isinstance(entry, dict) else None
+    try:
+        data = canonical_json(part["data"])
+    except ValueError:
+        _fail(f"{where}.personal: data is not canonical JSON", position)
+    if not isinstance(commitment, str) or not check_personal(commitment, salt, data):
+        _fail(f"entry {position}: personal part does not open the leaf's commitment", position)
 
 
 def _load_public_key(public_key: Ed25519PublicKey | bytes) -> Ed25519PublicKey:

@@ -13,11 +13,14 @@ the same leaves.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
+import os
 import re
 from datetime import UTC, date, datetime, time, tzinfo
 from typing import Any, Final
 
+import orjson
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import to_jsonable_python
 
@@ -26,13 +29,18 @@ __all__ = [
     "GENESIS",
     "HASH_SIZE",
     "LEAF_PREFIX",
+    "PERSONAL_FIELDS",
     "ROLES",
     "AuditEntry",
     "canonical_json",
     "chain_hash",
+    "check_personal",
     "entry_bytes",
+    "entry_from_stored",
     "leaf_hash",
+    "personal_commitment",
     "sha256_tag",
+    "split_entry",
     "ts_bound",
     "utc_timestamp",
 ]
@@ -129,6 +137,10 @@ class AuditEntry(BaseModel):
     status: int = Field(ge=100, le=599)
     error_code: str | None = None
     policy_version: str | None = None
+    # The policies that decided: the signed bundle's manifest revision (or policy_version
+    # without a bundle), and the OPA server's decision id when OPA decided (docs/policy.md).
+    bundle_revision: str | None = None
+    decision_id: str | None = None
     grant_id: str | None = None
     request: dict[str, Any] | None = None
     request_hash: str | None = None
@@ -192,9 +204,11 @@ class AuditEntry(BaseModel):
         return value
 
 
-def entry_bytes(entry: AuditEntry) -> bytes:
-    """The canonical bytes of ``entry``: every member, including nulls and defaults."""
-    return canonical_json(entry.model_dump(mode="json"))
+def entry_bytes(entry: AuditEntry, salt: bytes | None = None) -> bytes:
+    """The leaf bytes of ``entry``: canonical JSON of every member, nulls and defaults
+    included, with the personal members replaced by their salted commitment (see
+    :func:`split_entry`; without ``salt`` an entry that names someone gets a random one)."""
+    return split_entry(entry, salt)[0]
 
 
 _DATE_RE: Final = re.compile(r"\d{4}-\d{2}-\d{2}")
@@ -223,3 +237,113 @@ def ts_bound(name: str, value: str | datetime | None, zone: tzinfo = UTC) -> str
     if value.tzinfo is None:
         raise ValueError(f"{name} must carry a time zone (e.g. Z or +08:00)")
     return utc_timestamp(value)
+
+
+# -- personal data outside the leaf (docs/audit.md "Personal data and erasure") ---------------
+
+#: The members that are personal data: a keyed pseudonym still points at one person, and a
+#: consent id names that person's authorization. They are stored beside the leaf, erasable.
+PERSONAL_FIELDS: Final = ("subject_pseudonym", "consent_id")
+#: Domain separation of the commitment from every other hash in the log.
+_COMMITMENT_PREFIX: Final = b"yibao-gateway/audit-personal/v1\n"
+SALT_SIZE: Final = 16
+
+
+def personal_commitment(salt: bytes, personal: bytes) -> str:
+    """``sha256:<hex>`` of ``prefix || salt || personal`` (the canonical JSON of the personal
+    part). The random salt is stored and erased with the personal part, so once both are gone
+    the commitment cannot be brute-forced back to a pseudonym."""
+    if len(salt) != SALT_SIZE:
+        raise ValueError(f"salt: got {len(salt)} bytes, want {SALT_SIZE}")
+    return "sha256:" + hashlib.sha256(_COMMITMENT_PREFIX + salt + personal).hexdigest()
+
+
+def split_entry(
+    entry: AuditEntry, salt: bytes | None = None
+) -> tuple[bytes, tuple[bytes, bytes] | None]:
+    """The leaf bytes of ``entry`` and its personal part ``(salt, canonical JSON)``, or
+    ``None`` when the entry names no one.
+
+    The leaf is the entry without :data:`PERSONAL_FIELDS`, plus ``"personal"``: the
+    :func:`personal_commitment` of the personal part, or ``null`` when the entry names no one.
+    ``salt`` (random by default) must be stored with the personal part."""
+    # The append path's hot spot. Validated members are already JSON values except the few
+    # typed loosely (floats, Any); only those are checked, and anything that is not plain
+    # JSON goes the reference way (pydantic's JSON mode, then canonical_json).
+    obj = dict(entry.__dict__)
+    fast = True
+    for name in _LOOSE_MEMBERS:
+        if not _plain(obj[name]):
+            fast = False
+            break
+    if not fast:
+        obj = entry.model_dump(mode="json")
+    serialize = _canonical if fast else canonical_json
+    personal = {name: obj.pop(name) for name in PERSONAL_FIELDS}
+    if all(v is None for v in personal.values()):
+        obj["personal"] = None
+        return serialize(obj), None
+    data = canonical_json(personal)
+    if salt is None:
+        salt = os.urandom(SALT_SIZE)
+    obj["personal"] = personal_commitment(salt, data)
+    return serialize(obj), (salt, data)
+
+
+def _canonical(obj: dict[str, Any]) -> bytes:
+    """:func:`canonical_json` of plain JSON values (no floats: checked by the caller), by
+    orjson: the same bytes (keys sorted by code point, which is UTF-8 byte order; the same
+    escapes; tested against the reference), a fifth of the time."""
+    try:
+        return orjson.dumps(obj, option=orjson.OPT_SORT_KEYS)
+    except orjson.JSONEncodeError:  # an int beyond 64 bits, a lone surrogate: the reference
+        return canonical_json(obj)
+
+
+def _plain(value: Any) -> bool:
+    """Whether ``value`` is JSON made of dicts with str keys, lists, str, int, bool and None:
+    what orjson writes exactly as :func:`canonical_json` does (floats are written apart).
+    Loops rather than ``all()`` over generators: this runs for every appended entry."""
+    kind = type(value)
+    if kind is str or value is None or kind is int or kind is bool:
+        return True
+    if kind is dict:
+        for key, item in value.items():  # noqa: SIM110 (a loop: no generator per node)
+            if type(key) is not str or not _plain(item):
+                return False
+        return True
+    if kind is list:
+        for item in value:  # noqa: SIM110
+            if not _plain(item):
+                return False
+        return True
+    return False
+
+
+def _loose_members() -> tuple[str, ...]:
+    plain = {str, int, bool, str | None, int | None, bool | None, list[str], dict[str, str]}
+    return tuple(
+        name for name, info in AuditEntry.model_fields.items() if info.annotation not in plain
+    )
+
+
+_LOOSE_MEMBERS: Final = _loose_members()
+
+
+def entry_from_stored(entry_json: str | bytes, personal_json: str | bytes | None) -> AuditEntry:
+    """The :class:`AuditEntry` of a stored leaf and its personal part (``None`` once erased,
+    or when there was none). Leaves written before the split carry the members inline."""
+    obj = json.loads(entry_json)
+    if "personal" not in obj:
+        return AuditEntry.model_validate(obj)
+    del obj["personal"]
+    if personal_json is not None:
+        obj.update(json.loads(personal_json))
+    return AuditEntry.model_validate(obj)
+
+
+def check_personal(commitment: str | None, salt: bytes, personal: bytes) -> bool:
+    """Whether the stored personal part opens the leaf's commitment (constant time)."""
+    if commitment is None:
+        return False
+    return hmac.compare_digest(personal_commitment(salt, personal), commitment)

@@ -46,6 +46,7 @@ __all__ = [
     "inclusion_plan",
     "inclusion_proof",
     "inclusion_proof_size",
+    "inclusion_with_root",
     "range_nodes",
     "root",
     "root_from_frontier",
@@ -228,6 +229,16 @@ def inclusion_proof(index: int, size: int, source: HashSource | Sequence[bytes])
     """The RFC 6962 inclusion proof of leaf ``index`` in the tree of the first ``size`` leaves.
     ``source`` is a :class:`HashSource` or the leaf hashes themselves."""
     return _resolve(inclusion_plan(index, size), source)
+
+
+def inclusion_with_root(
+    index: int, size: int, source: HashSource | Sequence[bytes]
+) -> tuple[bytes, bytes, list[bytes]]:
+    """``(leaf hash, root, inclusion proof)`` of leaf ``index`` in the tree of ``size``, read
+    from ``source`` in one call (one statement for a store)."""
+    plan = [[(0, index)], frontier_nodes(size), *inclusion_plan(index, size)]
+    leaf, root_hash, *proof = _resolve(plan, source)
+    return leaf, root_hash, proof
 
 
 def consistency_proof(first: int, second: int, source: HashSource | Sequence[bytes]) -> list[bytes]:

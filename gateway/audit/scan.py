@@ -48,4 +48,8 @@ def iter_entries(
         ts = obj.get("ts")
         if isinstance(ts, str) and ((lo is not None and ts < lo) or (hi is not None and ts >= hi)):
             continue
+        if "personal" in obj:  # schema 3 leaf: the personal part is stored beside it
+            del obj["personal"]
+            if row.personal_json is not None:
+                obj.update(orjson.loads(row.personal_json))
         yield row.index, AuditEntry.model_validate(obj)

@@ -26,30 +26,45 @@ from typing import Final
 from sqlglot import exp
 
 from gateway.audit import merkle
-from gateway.audit.entry import GENESIS
-from gateway.audit.log import AuditLog, BuildRows, SearchFilter, StoredRow
+from gateway.audit.entry import GENESIS, utc_timestamp
+from gateway.audit.log import AuditLog, BuildRows, SearchFilter, StoredCheckpoint, StoredRow
 from gateway.errors import AuditIntegrityError, AuditUnavailable
 
 __all__ = ["SqliteAuditLog"]
 
 #: 1: entries only. 2: adds ``audit_subtrees``, filled from the stored leaves when upgrading.
-SCHEMA_VERSION: Final = 2
+#: 3: personal parts beside the leaf (``audit_personal``, ``audit_erasures``), stored
+#: checkpoints (``audit_checkpoints``); fewer indexed columns on ``audit_entries``.
+SCHEMA_VERSION: Final = 3
+
+_NO_CHANGE: Final = "BEGIN SELECT RAISE(ABORT, 'audit log is append-only: {} refused'); END"
+
+
+def _append_only(table: str) -> tuple[str, str]:
+    return (
+        f"CREATE TRIGGER IF NOT EXISTS {table}_no_update BEFORE UPDATE ON {table} "
+        + _NO_CHANGE.format("UPDATE"),
+        f"CREATE TRIGGER IF NOT EXISTS {table}_no_delete BEFORE DELETE ON {table} "
+        + _NO_CHANGE.format("DELETE"),
+    )
+
 
 _SCHEMA: Final = (
+    # Only ts, actor and org are indexed (STORED); the other filter columns are VIRTUAL: the
+    # low-cardinality ones (role, action, decision…) gain little from an index and each
+    # extracted column costs every insert a JSON parse. A store made by schema 1 or 2 keeps its
+    # table, whose leaves may still hold subject_pseudonym and consent_id inline.
     """
     CREATE TABLE IF NOT EXISTS audit_entries (
         idx INTEGER PRIMARY KEY CHECK (idx >= 0),
         ts TEXT GENERATED ALWAYS AS (json_extract(entry_json, '$.ts')) STORED,
         actor TEXT GENERATED ALWAYS AS (json_extract(entry_json, '$.actor')) STORED,
-        role TEXT GENERATED ALWAYS AS (json_extract(entry_json, '$.role')) STORED,
         org TEXT GENERATED ALWAYS AS (json_extract(entry_json, '$.org')) STORED,
-        action TEXT GENERATED ALWAYS AS (json_extract(entry_json, '$.action')) STORED,
-        purpose TEXT GENERATED ALWAYS AS (json_extract(entry_json, '$.purpose')) STORED,
-        decision TEXT GENERATED ALWAYS AS (json_extract(entry_json, '$.decision')) STORED,
-        status INTEGER GENERATED ALWAYS AS (json_extract(entry_json, '$.status')) STORED,
-        subject_pseudonym TEXT
-            GENERATED ALWAYS AS (json_extract(entry_json, '$.subject_pseudonym')) STORED,
-        consent_id TEXT GENERATED ALWAYS AS (json_extract(entry_json, '$.consent_id')) STORED,
+        role TEXT GENERATED ALWAYS AS (json_extract(entry_json, '$.role')) VIRTUAL,
+        action TEXT GENERATED ALWAYS AS (json_extract(entry_json, '$.action')) VIRTUAL,
+        purpose TEXT GENERATED ALWAYS AS (json_extract(entry_json, '$.purpose')) VIRTUAL,
+        decision TEXT GENERATED ALWAYS AS (json_extract(entry_json, '$.decision')) VIRTUAL,
+        status INTEGER GENERATED ALWAYS AS (json_extract(entry_json, '$.status')) VIRTUAL,
         entry_json TEXT NOT NULL,
         leaf_hash BLOB NOT NULL CHECK (length(leaf_hash) = 32),
         chain_hash BLOB NOT NULL CHECK (length(chain_hash) = 32)
@@ -58,26 +73,7 @@ _SCHEMA: Final = (
     "CREATE INDEX IF NOT EXISTS audit_entries_ts ON audit_entries (ts)",
     "CREATE INDEX IF NOT EXISTS audit_entries_actor ON audit_entries (actor)",
     "CREATE INDEX IF NOT EXISTS audit_entries_org ON audit_entries (org)",
-    "CREATE INDEX IF NOT EXISTS audit_entries_purpose ON audit_entries (purpose)",
-    "CREATE INDEX IF NOT EXISTS audit_entries_action ON audit_entries (action)",
-    "CREATE INDEX IF NOT EXISTS audit_entries_decision ON audit_entries (decision)",
-    # Most entries name no person or consent: partial indexes stay small.
-    """
-    CREATE INDEX IF NOT EXISTS audit_entries_subject ON audit_entries (subject_pseudonym)
-    WHERE subject_pseudonym IS NOT NULL
-    """,
-    """
-    CREATE INDEX IF NOT EXISTS audit_entries_consent ON audit_entries (consent_id)
-    WHERE consent_id IS NOT NULL
-    """,
-    """
-    CREATE TRIGGER IF NOT EXISTS audit_entries_no_update BEFORE UPDATE ON audit_entries
-    BEGIN SELECT RAISE(ABORT, 'audit log is append-only: UPDATE refused'); END
-    """,
-    """
-    CREATE TRIGGER IF NOT EXISTS audit_entries_no_delete BEFORE DELETE ON audit_entries
-    BEGIN SELECT RAISE(ABORT, 'audit log is append-only: DELETE refused'); END
-    """,
+    *_append_only("audit_entries"),
     # Also stops INSERT OR REPLACE, which would otherwise delete without firing the trigger.
     """
     CREATE TRIGGER IF NOT EXISTS audit_entries_next_index BEFORE INSERT ON audit_entries
@@ -92,18 +88,73 @@ _SCHEMA: Final = (
         PRIMARY KEY (level, idx)
     ) STRICT, WITHOUT ROWID
     """,
+    *_append_only("audit_subtrees"),
+    # The erasable personal part of an entry; its leaf holds only the commitment.
     """
-    CREATE TRIGGER IF NOT EXISTS audit_subtrees_no_update BEFORE UPDATE ON audit_subtrees
+    CREATE TABLE IF NOT EXISTS audit_personal (
+        idx INTEGER PRIMARY KEY CHECK (idx >= 0),
+        salt BLOB NOT NULL CHECK (length(salt) = 16),
+        personal_json TEXT NOT NULL,
+        subject_pseudonym TEXT
+            GENERATED ALWAYS AS (json_extract(personal_json, '$.subject_pseudonym')) STORED,
+        consent_id TEXT GENERATED ALWAYS AS (json_extract(personal_json, '$.consent_id')) STORED
+    ) STRICT
+    """,
+    """
+    CREATE INDEX IF NOT EXISTS audit_personal_subject ON audit_personal (subject_pseudonym)
+    WHERE subject_pseudonym IS NOT NULL
+    """,
+    """
+    CREATE INDEX IF NOT EXISTS audit_personal_consent ON audit_personal (consent_id)
+    WHERE consent_id IS NOT NULL
+    """,
+    # Each erasure is recorded first; only then may the personal part be deleted, and an
+    # erased part can never come back.
+    """
+    CREATE TABLE IF NOT EXISTS audit_erasures (
+        idx INTEGER PRIMARY KEY CHECK (idx >= 0),
+        erased_at TEXT NOT NULL
+    ) STRICT
+    """,
+    *_append_only("audit_erasures"),
+    """
+    CREATE TRIGGER IF NOT EXISTS audit_personal_no_update BEFORE UPDATE ON audit_personal
     BEGIN SELECT RAISE(ABORT, 'audit log is append-only: UPDATE refused'); END
     """,
     """
-    CREATE TRIGGER IF NOT EXISTS audit_subtrees_no_delete BEFORE DELETE ON audit_subtrees
-    BEGIN SELECT RAISE(ABORT, 'audit log is append-only: DELETE refused'); END
+    CREATE TRIGGER IF NOT EXISTS audit_personal_erase_only BEFORE DELETE ON audit_personal
+    WHEN NOT EXISTS (SELECT 1 FROM audit_erasures WHERE idx = OLD.idx)
+    BEGIN SELECT RAISE(ABORT, 'audit personal data: DELETE only through an erasure'); END
+    """,
+    """
+    CREATE TRIGGER IF NOT EXISTS audit_personal_of_new_entry BEFORE INSERT ON audit_personal
+    WHEN NOT EXISTS (SELECT 1 FROM audit_entries WHERE idx = NEW.idx)
+      OR EXISTS (SELECT 1 FROM audit_erasures WHERE idx = NEW.idx)
+    BEGIN SELECT RAISE(ABORT, 'audit personal data: INSERT only with its entry'); END
+    """,
+    """
+    CREATE TABLE IF NOT EXISTS audit_checkpoints (
+        size INTEGER PRIMARY KEY CHECK (size >= 0),
+        root BLOB NOT NULL CHECK (length(root) = 32),
+        note TEXT NOT NULL
+    ) STRICT
+    """,
+    *_append_only("audit_checkpoints"),
+    # State derived from the log by its followers (the alert engine): not part of the log,
+    # replaced as they go, rebuilt by replaying the log if lost.
+    """
+    CREATE TABLE IF NOT EXISTS audit_follower_state (
+        name TEXT PRIMARY KEY,
+        data BLOB NOT NULL
+    ) STRICT
     """,
 )
 
 _INSERT_COLUMNS: Final = ("idx", "entry_json", "leaf_hash", "chain_hash")
 _NODE_COLUMNS: Final = ("level", "idx", "hash")
+_PERSONAL_COLUMNS: Final = ("idx", "salt", "personal_json")
+#: Rows per INSERT statement at most (4 columns: well under SQLite's 32,766 variables).
+_MAX_ROWS_PER_STATEMENT: Final = 4096
 # Subtree hashes by (level, idx), the list bound as one JSON parameter: one statement, one
 # snapshot, O(log n) primary-key lookups for a proof. Level 0 is the entry's leaf hash.
 _NODES: Final = """
@@ -117,10 +168,15 @@ _NODES: Final = """
 """
 _LEAVES: Final = "SELECT leaf_hash FROM audit_entries ORDER BY idx"
 _TAIL: Final = "SELECT idx, chain_hash FROM audit_entries ORDER BY idx DESC LIMIT 1"
-_ROW: Final = "SELECT idx, entry_json, leaf_hash, chain_hash FROM audit_entries WHERE idx = ?"
-_SCAN: Final = (
-    "SELECT idx, entry_json, leaf_hash, chain_hash FROM audit_entries WHERE idx >= ? ORDER BY idx"
-)
+_ROW: Final = """
+    SELECT e.idx, e.entry_json, e.leaf_hash, e.chain_hash, p.personal_json, p.salt
+    FROM audit_entries AS e LEFT JOIN audit_personal AS p ON p.idx = e.idx WHERE e.idx = ?
+"""
+_SCAN: Final = """
+    SELECT e.idx, e.entry_json, e.leaf_hash, e.chain_hash, p.personal_json, p.salt
+    FROM audit_entries AS e LEFT JOIN audit_personal AS p ON p.idx = e.idx
+    WHERE e.idx >= ? ORDER BY e.idx
+"""
 _SCAN_CHUNK: Final = 4096
 # What verify() reads: the entry text as the bytes stored (UTF-8, what was hashed), and the
 # subtree hashes level by level in index order (the primary key's order).
@@ -129,6 +185,25 @@ _VERIFY_SCAN: Final = (
 )
 _LEVEL_SCAN: Final = "SELECT idx, hash FROM audit_subtrees WHERE level = ? ORDER BY idx"
 _ABOVE: Final = "SELECT level, idx FROM audit_subtrees WHERE level > ? ORDER BY level, idx LIMIT 1"
+_PERSONAL_SCAN: Final = """
+    SELECT p.idx, p.salt, CAST(p.personal_json AS BLOB), json_extract(e.entry_json, '$.personal')
+    FROM audit_personal AS p LEFT JOIN audit_entries AS e ON e.idx = p.idx ORDER BY p.idx
+"""
+_LAST_CHECKPOINT: Final = (
+    "SELECT size, root, note FROM audit_checkpoints ORDER BY size DESC LIMIT 1"
+)
+_STORE_CHECKPOINT: Final = "INSERT INTO audit_checkpoints (size, root, note) VALUES (?, ?, ?)"
+_READ_STATE: Final = "SELECT data FROM audit_follower_state WHERE name = ?"
+_WRITE_STATE: Final = (
+    "INSERT INTO audit_follower_state (name, data) VALUES (?, ?)"
+    " ON CONFLICT (name) DO UPDATE SET data = excluded.data"
+)
+_ERASABLE: Final = "SELECT idx FROM audit_personal WHERE subject_pseudonym = ? ORDER BY idx"
+_RECORD_ERASURES: Final = """
+    INSERT INTO audit_erasures (idx, erased_at)
+    SELECT idx, ? FROM audit_personal WHERE subject_pseudonym = ?
+"""
+_ERASE: Final = "DELETE FROM audit_personal WHERE subject_pseudonym = ?"
 
 
 class SqliteAuditLog(AuditLog):
@@ -144,9 +219,10 @@ class SqliteAuditLog(AuditLog):
         path: str | os.PathLike[str],
         *,
         busy_timeout: float = 5.0,
-        max_batch: int = 512,
+        max_batch: int = 4096,
         max_delay: float = 0.002,
         max_queue: int = 65536,
+        unsafe_salt: Callable[[], bytes] | None = None,
     ) -> None:
         self._path = os.fspath(path)
         if self._path == "" or self._path.startswith((":memory:", "file:")):
@@ -156,6 +232,9 @@ class SqliteAuditLog(AuditLog):
         self._idle_readers: list[sqlite3.Connection] = []
         self._all_readers: list[sqlite3.Connection] = []
         self._storage_closed = False
+        self._admin_lock = threading.Lock()  # checkpoints and erasures: rare, one at a time
+        self._admin: sqlite3.Connection | None = None
+        self._legacy_inline = False
         try:
             self._writer: sqlite3.Connection | None = self._connect()
         except sqlite3.Error as exc:
@@ -167,7 +246,8 @@ class SqliteAuditLog(AuditLog):
             if isinstance(exc, sqlite3.Error):
                 raise AuditUnavailable(f"cannot open audit store: {exc}") from exc
             raise
-        super().__init__(max_batch=max_batch, max_delay=max_delay, max_queue=max_queue)
+        super().__init__(max_batch=max_batch, max_delay=max_delay, max_queue=max_queue,
+                         unsafe_salt=unsafe_salt)
 
     # -- connections ---------------------------------------------------------------------
 
@@ -193,15 +273,18 @@ class SqliteAuditLog(AuditLog):
         conn.execute("BEGIN IMMEDIATE")
         try:
             (version,) = conn.execute("PRAGMA user_version").fetchone()
-            if version not in (0, 1, SCHEMA_VERSION):
+            if version not in (0, 1, 2, SCHEMA_VERSION):
                 raise AuditUnavailable(
                     f"audit store schema version {version}, this gateway knows {SCHEMA_VERSION}"
                 )
             for statement in _SCHEMA:
                 conn.execute(statement)
-            if version != SCHEMA_VERSION:
+            if version in (0, 1):
                 _fill_subtrees(conn)
             conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            # Leaves written before schema 3 hold the personal members inline (not erasable).
+            columns = {row[1] for row in conn.execute("PRAGMA table_xinfo(audit_entries)")}
+            self._legacy_inline = "subject_pseudonym" in columns
             conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:
@@ -244,6 +327,13 @@ class SqliteAuditLog(AuditLog):
                 _INSERT_COLUMNS,
                 [(r.index, r.entry_json, r.leaf_hash, r.chain_hash) for r in batch.rows],
             )
+            if batch.personal:
+                _insert(
+                    conn,
+                    "audit_personal",
+                    _PERSONAL_COLUMNS,
+                    [(p.index, p.salt, p.data) for p in batch.personal],
+                )
             _insert(
                 conn,
                 "audit_subtrees",
@@ -269,7 +359,7 @@ class SqliteAuditLog(AuditLog):
     def _read_row(self, index: int) -> StoredRow | None:
         with self._reader() as conn:
             row = conn.execute(_ROW, (index,)).fetchone()
-        return None if row is None else StoredRow(row[0], row[1], row[2], row[3])
+        return None if row is None else StoredRow(*row)
 
     def _read_nodes(self, ids: Sequence[merkle.NodeID]) -> list[bytes]:
         if not ids:
@@ -283,8 +373,8 @@ class SqliteAuditLog(AuditLog):
             cursor = conn.execute(_SCAN, (start,))
             try:
                 while chunk := cursor.fetchmany(_SCAN_CHUNK):
-                    for idx, text, leaf, chain in chunk:
-                        yield StoredRow(idx, text, leaf, chain)
+                    for row in chunk:
+                        yield StoredRow(*row)
             finally:
                 cursor.close()
 
@@ -323,12 +413,75 @@ class SqliteAuditLog(AuditLog):
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
 
-    def _search_rows(self, where: SearchFilter, limit: int, offset: int) -> list[tuple[int, str]]:
+    def _scan_personal(self) -> Iterator[tuple[int, bytes, bytes, str | None]]:
+        with self._reader() as conn:
+            cursor = conn.execute(_PERSONAL_SCAN)
+            try:
+                while chunk := cursor.fetchmany(_SCAN_CHUNK):
+                    yield from chunk
+            finally:
+                cursor.close()
+
+    def _search_rows(
+        self, where: SearchFilter, limit: int, offset: int
+    ) -> list[tuple[int, str, str | None]]:
         params = {k: v for k, v in asdict(where).items() if v is not None}
-        sql = _search_sql(tuple(sorted(params)))
+        sql = _search_sql(tuple(sorted(params)), legacy_inline=self._legacy_inline)
         params.update(limit=limit, offset=offset)
         with self._reader() as conn:
-            return [(idx, text) for idx, text in conn.execute(sql, params)]
+            return [(idx, text, personal) for idx, text, personal in conn.execute(sql, params)]
+
+    # -- checkpoints and erasures: one short write transaction each ------------------------
+
+    @contextmanager
+    def _admin_transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._admin_lock:
+            if self._storage_closed:
+                raise AuditUnavailable("audit log is closed")
+            try:
+                if self._admin is None:
+                    self._admin = self._connect()
+                conn = self._admin
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    yield conn
+                    conn.execute("COMMIT")
+                finally:
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
+            except sqlite3.Error as exc:
+                raise AuditUnavailable(f"audit store cannot be written: {exc}") from exc
+
+    def _read_checkpoint(self) -> StoredCheckpoint | None:
+        with self._reader() as conn:
+            row = conn.execute(_LAST_CHECKPOINT).fetchone()
+        return None if row is None else StoredCheckpoint(row[0], bytes(row[1]), row[2])
+
+    def _store_checkpoint(self, checkpoint: StoredCheckpoint) -> StoredCheckpoint:
+        # BEGIN IMMEDIATE: no other process stores a checkpoint between the two statements.
+        with self._admin_transaction() as conn:
+            last = conn.execute(_LAST_CHECKPOINT).fetchone()
+            if last is None or last[0] < checkpoint.size:
+                conn.execute(_STORE_CHECKPOINT,
+                             (checkpoint.size, checkpoint.root, checkpoint.note))
+                return checkpoint
+        return StoredCheckpoint(last[0], bytes(last[1]), last[2])
+
+    def _read_state(self, name: str) -> bytes | None:
+        with self._reader() as conn:
+            row = conn.execute(_READ_STATE, (name,)).fetchone()
+        return None if row is None else bytes(row[0])
+
+    def _write_state(self, name: str, data: bytes) -> None:
+        with self._admin_transaction() as conn:
+            conn.execute(_WRITE_STATE, (name, data))
+
+    def _erase_personal(self, subject_pseudonym: str) -> list[int]:
+        with self._admin_transaction() as conn:
+            indexes = [idx for (idx,) in conn.execute(_ERASABLE, (subject_pseudonym,))]
+            conn.execute(_RECORD_ERASURES, (utc_timestamp(), subject_pseudonym))
+            conn.execute(_ERASE, (subject_pseudonym,))
+        return indexes
 
     def _close_storage(self) -> None:
         with self._pool_lock:
@@ -336,6 +489,10 @@ class SqliteAuditLog(AuditLog):
             readers, self._all_readers, self._idle_readers = self._all_readers, [], []
         for conn in readers:
             conn.close()
+        with self._admin_lock:
+            if self._admin is not None:
+                self._admin.close()
+                self._admin = None
         if self._writer is not None:
             with contextlib.suppress(sqlite3.Error):  # keeps the planner's statistics fresh
                 self._writer.execute("PRAGMA optimize")
@@ -346,7 +503,12 @@ class SqliteAuditLog(AuditLog):
 def _select_nodes(conn: sqlite3.Connection, ids: Sequence[merkle.NodeID]) -> list[bytes]:
     if not ids:
         return []
-    found = dict(conn.execute(_NODES, (json.dumps([list(i) for i in ids]),)).fetchall())
+    if all(level == 0 for level, _ in ids) and len(ids) <= _MAX_LEAVES_BY_KEY:
+        # Leaves only (what a cached proof needs): a primary-key lookup per leaf.
+        by_idx = dict(conn.execute(_leaves_sql(len(ids)), [idx for _, idx in ids]).fetchall())
+        found = {p: by_idx[idx] for p, (_, idx) in enumerate(ids) if idx in by_idx}
+    else:
+        found = dict(conn.execute(_NODES, (json.dumps([list(i) for i in ids]),)).fetchall())
     out: list[bytes] = []
     for position, (level, idx) in enumerate(ids):
         value = found.get(position)
@@ -359,6 +521,16 @@ def _select_nodes(conn: sqlite3.Connection, ids: Sequence[merkle.NodeID]) -> lis
             )
         out.append(bytes(value))
     return out
+
+
+_MAX_LEAVES_BY_KEY: Final = 64
+
+
+@functools.lru_cache(maxsize=_MAX_LEAVES_BY_KEY)
+def _leaves_sql(count: int) -> str:
+    """``SELECT idx, leaf_hash … WHERE idx IN (?, …)`` for ``count`` bound indexes."""
+    where = exp.column("idx").isin(*(exp.Placeholder() for _ in range(count)))
+    return exp.select("idx", "leaf_hash").from_("audit_entries").where(where).sql("sqlite")
 
 
 def _fill_subtrees(conn: sqlite3.Connection) -> None:
@@ -382,16 +554,18 @@ def _insert(
     # GIL, and under load that trip costs more than the insert itself.
     start = 0
     for count in _chunks(len(rows)):
-        params: list[object] = []
-        for r in rows[start : start + count]:
-            params += r
+        params = [value for r in rows[start : start + count] for value in r]
         conn.execute(_insert_sql(table, columns, count), params)
         start += count
 
 
 def _chunks(n: int) -> list[int]:
-    """``n`` as a sum of powers of two, largest first, so that few statements are prepared."""
-    return [1 << bit for bit in range(n.bit_length() - 1, -1, -1) if n >> bit & 1]
+    """``n`` as a sum of powers of two, largest first (at most ``_MAX_ROWS_PER_STATEMENT``
+    each), so that few statements are prepared."""
+    full, rest = divmod(n, _MAX_ROWS_PER_STATEMENT)
+    return [_MAX_ROWS_PER_STATEMENT] * full + [
+        1 << bit for bit in range(rest.bit_length() - 1, -1, -1) if rest >> bit & 1
+    ]
 
 
 @functools.lru_cache(maxsize=64)
@@ -402,30 +576,47 @@ def _insert_sql(table: str, columns: tuple[str, ...], rows: int, dialect: str = 
 
 
 # Filter names map to fixed columns and comparisons; values are only ever bound parameters.
-_EQUALITY_FILTERS: Final = frozenset(
-    {"actor", "org", "purpose", "action", "decision", "subject_pseudonym", "consent_id"}
-)
+_EQUALITY_FILTERS: Final = frozenset({"actor", "org", "purpose", "action", "decision"})
+_PERSONAL_FILTERS: Final = frozenset({"subject_pseudonym", "consent_id"})
 
 
 @functools.lru_cache(maxsize=256)
-def _search_sql(names: tuple[str, ...], dialect: str = "sqlite") -> str:
-    """The search statement for this set of filters, built as a tree, never from strings."""
+def _search_sql(names: tuple[str, ...], dialect: str = "sqlite", *,
+                legacy_inline: bool = False) -> str:
+    """The search statement for this set of filters, built as a tree, never from strings.
+
+    A person or consent filter matches the stored personal parts (so erased entries no longer
+    match); in a store upgraded from schema 2 also the leaves that hold those members inline.
+    """
     conditions: list[exp.Expression] = []
     for name in names:
         value = exp.Placeholder(this=name)
         if name in _EQUALITY_FILTERS:
-            conditions.append(exp.column(name).eq(value))
+            conditions.append(exp.column(name, table="e").eq(value))
+        elif name in _PERSONAL_FILTERS:
+            matching: exp.Query = (
+                exp.select("idx").from_("audit_personal").where(exp.column(name).eq(value))
+            )
+            if legacy_inline:
+                inline = exp.select("idx").from_("audit_entries").where(
+                    exp.column(name).eq(value))
+                matching = exp.union(matching, inline, distinct=False)
+            conditions.append(exp.column("idx", table="e").isin(query=matching))
         elif name == "since":
-            conditions.append(exp.GTE(this=exp.column("ts"), expression=value))
+            conditions.append(exp.GTE(this=exp.column("ts", table="e"), expression=value))
         elif name == "until":
-            conditions.append(exp.LT(this=exp.column("ts"), expression=value))
+            conditions.append(exp.LT(this=exp.column("ts", table="e"), expression=value))
         else:
             raise ValueError(f"unknown search filter {name!r}")
-    query = exp.select("idx", "entry_json").from_("audit_entries")
+    query = (
+        exp.select("e.idx", "e.entry_json", "p.personal_json")
+        .from_("audit_entries AS e")
+        .join("audit_personal AS p", on="p.idx = e.idx", join_type="left")
+    )
     if conditions:
         query = query.where(exp.and_(*conditions))
     query = (
-        query.order_by("idx")
+        query.order_by("e.idx")
         .limit(exp.Placeholder(this="limit"))
         .offset(exp.Placeholder(this="offset"))
     )

@@ -28,6 +28,15 @@ audit_app = typer.Typer(help="Export and verify the audit log", no_args_is_help=
 app.add_typer(grant_app, name="grant")
 app.add_typer(token_app, name="token")
 app.add_typer(audit_app, name="audit")
+consent_app = typer.Typer(help="Individual consent: the consent signing keys",
+                          no_args_is_help=True)
+consent_keys_app = typer.Typer(help="Rotate the consent signing keys (every change audited)",
+                               no_args_is_help=True)
+consent_app.add_typer(consent_keys_app, name="keys")
+app.add_typer(consent_app, name="consent")
+policy_app = typer.Typer(help="Signed policy bundles (tools/build-bundle.sh builds them)",
+                         no_args_is_help=True)
+app.add_typer(policy_app, name="policy")
 
 Workdir = Annotated[Path, typer.Option("--workdir", help="gateway work directory")]
 _DEFAULT_WORKDIR = Path(".gateway/demo")
@@ -67,10 +76,14 @@ def ingest(
     """De-identify and load extracts as a new data version (atomic)."""
     from gateway.ingest.pipeline import ingest as run_ingest
     from gateway.ingest.pseudonym import load_or_create_key
+    from gateway.service.consents import LOOKUP_KEY_FILE
 
     settings = _settings(workdir)
     key = load_or_create_key(settings.pseudonym_key_path)
+    # The consent service's certno lookup key (not the ingest key): the keyed lookup table.
+    lookup_key = load_or_create_key(settings.keys_dir / LOOKUP_KEY_FILE)
     report = run_ingest(persons, settlements, store_dir=settings.store_dir, key=key,
+                        lookup_key=lookup_key,
                         progress=lambda step: typer.echo(f"  · {step}", err=True))
     _print_json({
         "data_version": report.data_version,
@@ -89,16 +102,44 @@ def serve(
     host: Annotated[str, typer.Option(help="bind address")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="port")] = 8000,
     base_url: Annotated[str | None, typer.Option(help="public base URL")] = None,
+    workers: Annotated[int, typer.Option(
+        min=1, help="worker processes sharing the socket and the state (uvicorn)")] = 1,
 ) -> None:
-    """Serve the gateway API (uvicorn)."""
+    """Serve the gateway API (uvicorn). With --workers N, N processes accept on one socket;
+    they share grants, consents, replay stores and the audit log through the state store
+    (GATEWAY_STATE_URL=postgresql://… in production, or the SQLite files of one machine)."""
+    import os
+
     import uvicorn
 
     from gateway.api.app import create_app
     from gateway.service.bootstrap import build_gateway
 
     settings = _settings(workdir, base_url=base_url or f"http://{host}:{port}")
-    application = create_app(build_gateway(settings))
-    uvicorn.run(application, host=host, port=port, log_level="warning", access_log=False)
+    # Built here even with workers, so a bad configuration fails before any process starts
+    # and migrations run once.
+    gateway = build_gateway(settings)
+    if workers == 1:
+        uvicorn.run(create_app(gateway), host=host, port=port, log_level="warning",
+                    access_log=False)
+        return
+    gateway.audit.close()
+    gateway.state.close()
+    # Spawned workers rebuild their gateway from the environment (see worker_app).
+    os.environ["GATEWAY_WORKDIR"] = str(workdir)
+    os.environ["GATEWAY_BASE_URL"] = settings.base_url
+    uvicorn.run("gateway.cli.main:worker_app", factory=True, workers=workers, host=host,
+                port=port, log_level="warning", access_log=False)
+
+
+def worker_app() -> Any:
+    """The ASGI app of one worker process (uvicorn ``factory``): its own gateway, connections
+    and audit sequencer, configured from the ``GATEWAY_*`` environment."""
+    from gateway.api.app import create_app
+    from gateway.service.bootstrap import build_gateway
+    from gateway.settings import Settings
+
+    return create_app(build_gateway(Settings()))
 
 
 @app.command()
@@ -199,27 +240,96 @@ def token_get(
     typer.echo(fetch_token(credentials, role))
 
 
+@token_app.command("subject")
+def token_subject(
+    certno: Annotated[str, typer.Argument(help="the person's 身份证号 (demo persons are in "
+                                               "credentials.json)")],
+    workdir: Workdir = _DEFAULT_WORKDIR,
+    lifetime_s: Annotated[int, typer.Option(help="token lifetime, at most 3600 s")] = 900,
+) -> None:
+    """Mint a subject sign-in token as the demo's identity service would (its key is under
+    WORKDIR/idp/; a real deployment's identity service signs these)."""
+    from gateway.cli.demo import mint_subject_token
+
+    typer.echo(mint_subject_token(workdir, certno, lifetime_s=lifetime_s))
+
+
+# -- consent keys -------------------------------------------------------------------------------
+@consent_keys_app.command("list")
+def consent_keys_list(workdir: Workdir = _DEFAULT_WORKDIR) -> None:
+    """Every consent key with its state (pending, active, retired)."""
+    with _cli_gateway(workdir) as gateway:
+        _print_json(gateway.consent_keys(_cli_admin()).body)
+
+
+@consent_keys_app.command("rotate")
+def consent_keys_rotate(workdir: Workdir = _DEFAULT_WORKDIR) -> None:
+    """Add a new key, pending: published in the JWKS at once, signing nothing until
+    `activate` (after verifiers have refreshed the JWKS, max-age 300 s)."""
+    with _cli_gateway(workdir) as gateway:
+        _print_json(gateway.change_consent_key(_cli_admin(), "add").body)
+
+
+@consent_keys_app.command("activate")
+def consent_keys_activate(
+    kid: str,
+    workdir: Workdir = _DEFAULT_WORKDIR,
+    min_pending_s: Annotated[float, typer.Option(
+        help="refuse unless the key was published at least this long ago")] = 300.0,
+) -> None:
+    """Make a pending key the signing key (older active keys keep verifying)."""
+    with _cli_gateway(workdir) as gateway:
+        _print_json(gateway.change_consent_key(_cli_admin(), "activate", kid,
+                                               min_pending_s=min_pending_s).body)
+
+
+@consent_keys_app.command("retire")
+def consent_keys_retire(kid: str, workdir: Workdir = _DEFAULT_WORKDIR) -> None:
+    """Retire a key: out of the JWKS, verifying nothing from the next request, in every
+    worker. Tokens it signed must be reissued."""
+    with _cli_gateway(workdir) as gateway:
+        _print_json(gateway.change_consent_key(_cli_admin(), "retire", kid).body)
+
+
 # -- audit ------------------------------------------------------------------------------------
 @audit_app.command("export")
 def audit_export(
     out: Annotated[Path, typer.Argument(help="bundle file to write")],
     workdir: Workdir = _DEFAULT_WORKDIR,
+    with_personal: Annotated[bool, typer.Option(
+        "--with-personal", help="also carry each entry's personal part (pseudonym, consent "
+        "id) where not erased; without it the bundle holds no personal data")] = False,
 ) -> None:
     """Export the whole log as a signed bundle for offline verification."""
     from cryptography.hazmat.primitives.asymmetric import ed25519
 
-    from gateway.audit import SqliteAuditLog, export_bundle
+    from gateway.audit import export_bundle, open_audit_log
     from gateway.auth.keys import load_private_key, public_key_pem
 
     settings = _settings(workdir)
     key = load_private_key(settings.signing_key_path)
     if not isinstance(key, ed25519.Ed25519PrivateKey):
         raise GatewayError("the gateway signing key must be Ed25519")
-    with SqliteAuditLog(settings.audit_path) as log:
-        export_bundle(log, out, key, origin=settings.audit_origin)
+    with open_audit_log(settings.audit_url, settings.audit_path) as log:
+        export_bundle(log, out, key, origin=settings.audit_origin, with_personal=with_personal)
     pub = out.with_suffix(".pub.pem")
     pub.write_text(public_key_pem(key), "ascii")
     typer.echo(f"wrote {out} and its public key {pub}")
+
+
+@audit_app.command("erase")
+def audit_erase(
+    subject: Annotated[str, typer.Option(help="the person's subject pseudonym")],
+    workdir: Workdir = _DEFAULT_WORKDIR,
+) -> None:
+    """Erase a person's personal data from the audit log (their pseudonym and consent ids
+    beside each leaf); the leaves, proofs and bundles still verify. The erasure is itself
+    audited (action ``audit.erase``: the indexes erased, never the pseudonym)."""
+    with _cli_gateway(workdir) as gateway:
+        indexes = gateway.audit.erase_subject(subject)
+        audit_id = gateway.record(_cli_admin(), "audit.erase", status=200, decision="allow",
+                                  request={"erased_indexes": indexes})
+    _print_json({"erased": len(indexes), "indexes": indexes, "audit_id": audit_id})
 
 
 @audit_app.command("verify")
@@ -263,13 +373,13 @@ def audit_report(
     """Write an auditor report read straight from the local audit log file. An operator's
     tool: whoever can read the work directory can read the log, so no policy decision is made
     and no audit entry is written (the API's GET /v1/audit/report does both)."""
-    from gateway.audit import SqliteAuditLog
+    from gateway.audit import open_audit_log
     from gateway.service.monitoring import report_content
 
     settings = _settings(workdir)
-    if not settings.audit_path.exists():
+    if settings.audit_url is None and not settings.audit_path.exists():
         raise GatewayError(f"no audit log at {settings.audit_path}")
-    with SqliteAuditLog(settings.audit_path) as log:
+    with open_audit_log(settings.audit_url, settings.audit_path) as log:
         content = report_content(log, since, until, bucket, kind, fmt)
     text = (json.dumps(content, ensure_ascii=False, indent=2) + "\n"
             if isinstance(content, dict) else content)
@@ -328,6 +438,33 @@ def audit_witness(
             fetch_consistency=consistency, witness_key=own, witness_name=name)
     new_state.save(state)
     typer.echo(cosigned, nl=False)
+
+
+@policy_app.command("keygen")
+def policy_keygen(
+    private_key: Annotated[Path, typer.Argument(help="new private key (PEM, mode 0600)")],
+    public_key: Annotated[Path, typer.Argument(help="new public key (PEM)")],
+) -> None:
+    """A new P-256 key pair for signing policy bundles (ES256). Keep the private key with the
+    build, never in the repository; give the public key to OPA and the gateway."""
+    from gateway.policy.bundle import write_signing_key
+
+    write_signing_key(private_key, public_key)
+    typer.echo(f"bundle signing key {private_key}, verification key {public_key}")
+
+
+@policy_app.command("verify")
+def policy_verify(
+    bundle: Annotated[Path, typer.Argument(help="the bundle (.tar.gz)")],
+    key: Annotated[Path, typer.Option("--key", help="public key (PEM) that verifies it")],
+) -> None:
+    """Verify a signed policy bundle as the gateway does at start; print its revision."""
+    from gateway.policy.bundle import load_bundle
+
+    loaded = load_bundle(bundle, key)
+    _print_json({"revision": loaded.revision, "roots": list(loaded.roots),
+                 "policy_version": loaded.version,
+                 "policies": [source.path for source in loaded.sources]})
 
 
 def main() -> None:

@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-from gateway.audit import SqliteAuditLog
+from gateway.audit.backends import open_audit_log
 from gateway.auth.keys import load_private_key
 from gateway.auth.tokens import AccessTokenIssuer
 from gateway.catalog import default_catalog, load_catalog
 from gateway.errors import ValidationFailed
-from gateway.policy import build_engine
+from gateway.policy.configure import engine_from_settings
 from gateway.query.store import QueryStore, StoreLayout
 from gateway.service.consents import load_consent_config
 from gateway.service.gateway import Gateway
 from gateway.settings import Settings
-from gateway.state.store import SqliteStateStore
+from gateway.state.store import open_state_store
 
 __all__ = ["build_gateway"]
 
@@ -28,15 +28,14 @@ def build_gateway(settings: Settings) -> Gateway:
     if not isinstance(signing_key, ed25519.Ed25519PrivateKey):
         raise ValidationFailed("the gateway signing key must be Ed25519")
     catalog = load_catalog(settings.catalog_path) if settings.catalog_path else default_catalog()
-    state = SqliteStateStore(settings.state_path)
-    options = {"policy_dir": settings.policy_dir} if settings.policy_dir else {}
-    policy = build_engine(settings.policy_engine, **options)
+    state = open_state_store(settings.state_url, settings.state_path)  # postgresql:// or SQLite
+    policy = engine_from_settings(settings)  # regorus or OPA; a signed bundle or a directory
     store = QueryStore(
         StoreLayout(settings.store_dir),
         timeout_s=settings.query_timeout_s,
         memory_limit=settings.query_memory_limit,
     )
-    audit = SqliteAuditLog(settings.audit_path)
+    audit = open_audit_log(settings.audit_url, settings.audit_path)
     tokens = AccessTokenIssuer(
         signing_key=signing_key,
         issuer=settings.base_url.rstrip("/"),

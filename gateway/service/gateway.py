@@ -16,28 +16,37 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any
 
+import duckdb
 import jwt
 import orjson
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pydantic import ValidationError as PydanticValidationError
 
 from gateway.audit import AuditEntry, AuditLog, utc_timestamp
+from gateway.audit.log import MAX_SEARCH_LIMIT
 from gateway.auth.tokens import AccessTokenIssuer, Principal
 from gateway.catalog import Catalog
 from gateway.consent import (
     PURPOSES,
     ConsentRecord,
+    DataPeriod,
+    VerifiedConsent,
     issue_consent_token,
     pairwise_sub,
     verify_consent_token,
     verify_dpop_proof,
 )
-from gateway.disclosure.complementary import MAX_EXACT_CELLS
-from gateway.disclosure.suppression import disclose
+from gateway.consent.keys import KeyState
+from gateway.consent.lookup import certno_lookup
+from gateway.disclosure.control import DisclosureControl, published_disclosure
+from gateway.disclosure.rules import DEFAULT_DOMINANCE_K, DEFAULT_P_PERCENT
 from gateway.errors import (
     AuthenticationFailed,
+    BudgetExhausted,
+    Conflict,
     GatewayError,
     NotFound,
     PolicyDenied,
@@ -47,9 +56,14 @@ from gateway.errors import (
     StoreUnavailable,
     ValidationFailed,
 )
-from gateway.policy import Decision, Obligations, PolicyEngine
+from gateway.policy import (
+    Decision,
+    Obligations,
+    PolicyEngine,
+    note_policy_trace,
+    take_policy_trace,
+)
 from gateway.query.compiler import CompiledQuery, compile_aggregate
-from gateway.query.shaping import shape
 from gateway.query.spec import AggregateQuery
 from gateway.query.sql import parse_sql
 from gateway.query.store import QueryStore
@@ -59,14 +73,27 @@ from gateway.service.consents import (
     ENROLLMENT_DATATYPES,
     ENROLLMENT_PURPOSE,
     MAX_TOKEN_LIFETIME,
+    SETTLEMENT_FIELDS,
+    SETTLEMENTS_ACTION,
+    SETTLEMENTS_PURPOSE,
+    SETTLEMENTS_SCAN_SQL,
+    SETTLEMENTS_SQL,
     ConsentConfig,
     ConsentRequest,
+    PersonIndex,
+    SettlementsRequest,
+    SubjectCaller,
     consent_refused,
     enrollment_answer,
+    new_consent_key,
+    new_person_pseudonym,
+    period_bounds,
     person_from_subject,
-    subject_from_person,
+    settlement_rows,
+    subject_from_psn_id,
 )
 from gateway.service.grants import GrantRequest, grant_to_json, new_grant_record, policy_data
+from gateway.state.consents import ReplaySpend, StoredConsent
 from gateway.state.store import StateStore
 
 __all__ = ["Audited", "Gateway"]
@@ -145,7 +172,10 @@ class Gateway:
         self._policy_data_version = -1
         self._policy_lock = threading.Lock()
         self._grant_limits: dict[str, int] = {}
+        self._grant_magnitude: dict[str, tuple[Decimal, Decimal]] = {}
         self._compiled: dict[str, CompiledQuery] = {}
+        self.disclosure = DisclosureControl(catalog=catalog, state=state, store=store,
+                                            clock=lambda: self.clock())
 
     # -- readiness -----------------------------------------------------------------------
     def readiness(self) -> dict[str, bool]:
@@ -172,9 +202,20 @@ class Gateway:
             if version == self._policy_data_version:
                 return
             grants = self.state.list_grants()
-            self.policy.set_data(policy_data(self.catalog, grants))
+            try:
+                self.policy.set_data(policy_data(self.catalog, grants), version=version)
+            except PolicyEngineError:
+                # The decision that needed this data fails; its audit entry still names the
+                # policies that were to decide.
+                note_policy_trace(self.policy.revision)
+                raise
             self._grant_limits = {
                 g.grant_id: int(g.body.get("rate_limit_per_minute", 600)) for g in grants
+            }
+            self._grant_magnitude = {
+                g.grant_id: (Decimal(str(g.body.get("dominance_k", DEFAULT_DOMINANCE_K))),
+                             Decimal(str(g.body.get("p_percent", DEFAULT_P_PERCENT))))
+                for g in grants
             }
             self._policy_data_version = version
 
@@ -194,7 +235,26 @@ class Gateway:
     # -- audit ---------------------------------------------------------------------------
     def record(self, principal: Principal | None, action: str, *, status: int,
                decision: str, **members: Any) -> int:
-        entry = AuditEntry(
+        """Append the audit entry of this request; its index once durable (blocks)."""
+        return self.audit.append(self._audit_entry(principal, action, status=status,
+                                                   decision=decision, **members))
+
+    async def record_async(self, principal: Principal | None, action: str, *, status: int,
+                           decision: str, **members: Any) -> int:
+        """:meth:`record` for the event loop: waits for durability without holding a
+        thread (``AuditLog.append_async``)."""
+        return await self.audit.append_async(self._audit_entry(
+            principal, action, status=status, decision=decision, **members))
+
+    def _audit_entry(self, principal: Principal | None, action: str, *, status: int,
+                     decision: str, **members: Any) -> AuditEntry:
+        # The policies behind the decision this entry records (made in this request, by
+        # whichever engine): bundle revision, and OPA's decision id when OPA decided.
+        trace = take_policy_trace()
+        if trace is not None:
+            members.setdefault("bundle_revision", trace.bundle_revision)
+            members.setdefault("decision_id", trace.decision_id)
+        return AuditEntry(
             ts=utc_timestamp(datetime.fromtimestamp(self.clock(), tz=UTC)),
             actor=principal.client_id if principal else "anonymous",
             role=principal.role if principal else "anonymous",
@@ -204,7 +264,6 @@ class Gateway:
             status=status,
             **members,
         )
-        return self.audit.append(entry)
 
     def authorize(self, principal: Principal, action: str) -> Decision:
         """Role-level decision for management and audit calls; denies are audited here."""
@@ -255,6 +314,7 @@ class Gateway:
                     ],
                     "filters_required": g.body["filters"],
                     "min_cell_size": g.body["min_cell_size"],
+                    "disclosure": published_disclosure(g.body),
                     "valid_until": grant_to_json(g, now_ns)["valid_until"],
                 })
         body = {"datasets": datasets, "count_functions": ["count_persons", "count"]}
@@ -339,6 +399,11 @@ class Gateway:
             raise RateLimited(f"rate limit of {limit} requests per minute exceeded")
         return decision.obligations
 
+    def magnitude_rules(self, grant_id: str | None) -> tuple[Decimal, Decimal]:
+        """The grant's dominance k and p% p for sums and means (the defaults when unset)."""
+        return self._grant_magnitude.get(
+            grant_id or "", (Decimal(DEFAULT_DOMINANCE_K), Decimal(DEFAULT_P_PERCENT)))
+
     def _compile(self, query: AggregateQuery) -> CompiledQuery:
         """Compilation is pure, so repeated questions reuse their SQL (bounded cache)."""
         key = query.model_dump_json()
@@ -385,19 +450,19 @@ class Gateway:
             principal, action, query.purpose, query.policy_resource(), common)
         try:
             compiled = self._compile(query)
-            _, raw_rows, data_version = self.store.fetch(compiled.sql)
-            result = disclose(
-                compiled.dimensions, compiled.measures, raw_rows,
-                min_cell_size=obligations.min_cell_size,
-                max_rows=obligations.max_rows,
-                secondary=True, max_exact_cells=MAX_EXACT_CELLS,
-            )
-            result = shape(result, having=query.having, order_by=query.order_by,
-                           limit=query.limit, column_of=compiled.column_of,
-                           hidden=compiled.hidden)
+            dominance_k, p_percent = self.magnitude_rules(common.get("grant_id"))
+            # Query, difference check, suppression, noise and budget, rounding, shaping
+            # (gateway.disclosure.control).
+            released = self.disclosure.release(
+                query, compiled, obligations, org=principal.org,
+                grant_id=common.get("grant_id"), dominance_k=dominance_k, p_percent=p_percent)
+            result, data_version = released.result, released.data_version
         except GatewayError as exc:
-            self.record(principal, action, status=exc.status, decision="error",
-                        error_code=exc.code, reasons=[exc.message], **common)
+            audit_id = self.record(principal, action, status=exc.status,
+                                   decision="deny" if exc.status == 429 else "error",
+                                   error_code=exc.code, reasons=[exc.message], **common)
+            if isinstance(exc, BudgetExhausted):
+                exc.details["audit_id"] = audit_id  # the Audit-Index of the refusal
             raise
         body: dict[str, Any] = {
             "columns": result.columns,
@@ -406,12 +471,14 @@ class Gateway:
             "suppressed_count": len(result.suppressed),
             "min_cell_size": obligations.min_cell_size,
             "data_version": data_version,
+            "disclosure": released.report,
             "notes": result.notes,
         }
         audit_id = self.record(
             principal, action, status=200, decision="allow",
             cells_released=result.cells_released, cells_suppressed=len(result.suppressed),
-            data_version=data_version, response_hash=_digest(orjson.dumps(body)), **common,
+            data_version=data_version, response_hash=_digest(orjson.dumps(body)),
+            budget_spent=released.budget_spent, **common,
         )
         body["audit_id"] = audit_id
         return Audited(body=body, audit_id=audit_id)
@@ -460,12 +527,13 @@ class Gateway:
     def audit_inclusion(self, principal: Principal, index: int, tree_size: int
                         ) -> Audited:
         def build() -> dict[str, Any]:
-            proof = self.audit.inclusion_proof(index, tree_size)  # checks the bounds first
+            # One read for leaf, root and proof (checks the bounds first).
+            leaf, root, proof = self.audit.inclusion(index, tree_size)
             return {
                 "index": index,
                 "tree_size": tree_size,
-                "leaf_hash": _b64(self.audit.leaf_hash(index)),
-                "root": _b64(self.audit.root(tree_size)),
+                "leaf_hash": _b64(leaf),
+                "root": _b64(root),
                 "proof": [_b64(h) for h in proof],
             }
 
@@ -491,30 +559,84 @@ class Gateway:
     def _consent_config(self) -> ConsentConfig:
         if self.consent is None:
             raise StoreUnavailable("consent keys are not configured (run `gateway init`)")
-        return self.consent
+        config = self.consent
+        if config.unaudited:
+            # Key registrations made while starting, before the audit log was wired.
+            events, config.unaudited = config.unaudited, []
+            starter = Principal(client_id="gateway:startup", role="admin", org=None,
+                                token_id="startup")  # noqa: S106 - an id, not a secret
+            for event in events:
+                self.record(starter, "consents.keys", status=200, decision="allow",
+                            request={"op": "register", "kid": event.kid,
+                                     "from": event.old_state, "to": event.new_state})
+        return config
 
     def jwks(self) -> dict[str, Any]:
         """The public consent keys, pending and active (``/.well-known/jwks.json``)."""
         if self.consent is None:
             return {"keys": []}
-        return self.consent.key_set.publish_jwks()
+        return self._consent_config().key_set.publish_jwks()
 
-    def create_consent(self, principal: Principal, request: ConsentRequest) -> Audited:
-        """Record a person's consent (an admin on the person's behalf) and issue its token,
-        bound to the insurer's DPoP key; ``client_id`` of the token is the insurer's org."""
-        decision = self.authorize(principal, "consents.manage")
+    def _person_by_lookup(self, lookup: str) -> str | None:
+        """The consent record ``subject`` of the person whose keyed certno lookup value is
+        ``lookup``: one point read of the sorted ``person_lookup`` table; None if unknown."""
+        try:
+            with self.store.cursor() as (cur, _):
+                cur.execute(_PERSON_LOOKUP_SQL, [lookup])
+                row = cur.fetchone()
+        except duckdb.CatalogException as exc:
+            raise StoreUnavailable("this data version has no certno lookup table "
+                                   "(reload with the lookup key)") from exc
+        except duckdb.Error as exc:
+            raise StoreUnavailable("query store error") from exc
+        return None if row is None else subject_from_psn_id(int(row[0]))
+
+    def _person_by_certno(self, config: ConsentConfig, certno: str) -> str:
+        if config.lookup_key is None:
+            raise StoreUnavailable("the certno lookup key is not configured")
+        person = self._person_by_lookup(certno_lookup(config.lookup_key, certno))
+        if person is None:
+            raise NotFound("no person with this certno")
+        return person
+
+    def subject_sign_in(self, token: str) -> SubjectCaller:
+        """A person's identity-service token → the signed-in person (subject role)."""
+        config = self._consent_config()
+        if config.subjects is None:
+            raise StoreUnavailable("subject sign-in is not configured (no identity service "
+                                   "public key)")
+        identity = config.subjects.verify(token, now=self.clock())
+        person = self._person_by_lookup(identity.lookup)
+        if person is None:
+            raise AuthenticationFailed("no person for this identity", code="subject_unknown")
+        principal = Principal(client_id=new_person_pseudonym(config.pairwise_key, person),
+                              role="subject", org=None, token_id=identity.jti)
+        return SubjectCaller(principal=principal, person=person)
+
+    def create_consent(self, caller: Principal | SubjectCaller,
+                       request: ConsentRequest) -> Audited:
+        """Record a person's consent and issue its token, bound to the insurer's DPoP key;
+        ``client_id`` of the token is the insurer's org. An admin names the person by
+        身份证号 (resolved through the keyed lookup, never kept); a person consents for
+        themselves."""
+        is_person = isinstance(caller, SubjectCaller)
+        principal = caller.principal if isinstance(caller, SubjectCaller) else caller
+        decision = self.authorize(principal, "consents.own" if is_person else "consents.manage")
         members: dict[str, Any] = {"purpose": request.purpose,
                                    "request": request.audit_request(),
                                    "policy_version": decision.policy_version}
         try:
             config = self._consent_config()
-            subject = subject_from_person(request.subject)
+            if isinstance(caller, SubjectCaller):
+                if request.certno is not None:
+                    raise ValidationFailed("a person consents for themselves: omit certno")
+                subject = caller.person
+            else:
+                if request.certno is None:
+                    raise ValidationFailed("certno is required: the person the consent is for")
+                subject = self._person_by_certno(config, request.certno)
             members["subject_pseudonym"] = pairwise_sub(config.pairwise_key, subject,
                                                         request.insurer)
-            psn_id = person_from_subject(subject)
-            _, rows, _ = self.store.fetch(_PERSON_EXISTS_SQL, [psn_id])
-            if not rows:
-                raise NotFound("no person with this psn_id")
             now = self.clock()
             # Whole seconds: a microsecond rounded up would start the consent after `now`.
             now_dt = datetime.fromtimestamp(int(now), tz=UTC)
@@ -533,6 +655,7 @@ class Gateway:
                     created_by=principal.client_id,
                     created_at=now_dt,
                     single_use=rule.single_use if rule is not None else False,
+                    claim_id=request.claim_id,
                 )
             except PydanticValidationError as exc:
                 raise ValidationFailed(
@@ -562,13 +685,21 @@ class Gateway:
                                response_hash=_digest(orjson.dumps(body)), **members)
         return Audited(body, audit_id)
 
-    def revoke_consent(self, principal: Principal, consent_id: str) -> Audited:
-        """Revoke a consent; it holds from the next request in every worker process."""
-        decision = self.authorize(principal, "consents.manage")
+    def revoke_consent(self, caller: Principal | SubjectCaller, consent_id: str) -> Audited:
+        """Revoke a consent (an admin any, a person only their own); it holds from the next
+        request in every worker process."""
+        is_person = isinstance(caller, SubjectCaller)
+        principal = caller.principal if isinstance(caller, SubjectCaller) else caller
+        decision = self.authorize(principal, "consents.own" if is_person else "consents.manage")
         members: dict[str, Any] = {"consent_id": consent_id,
                                    "policy_version": decision.policy_version}
         try:
             config = self._consent_config()
+            if isinstance(caller, SubjectCaller):
+                own = self.state.get_consent(consent_id)
+                # Another person's consent is "not found": its existence is not theirs to learn.
+                if own is None or own.record.subject != caller.person:
+                    raise NotFound(f"consent {consent_id} does not exist")
             stored = self.state.revoke_consent(consent_id, principal.client_id,
                                                int(self.clock() * 1e9))
             members["purpose"] = stored.record.purpose
@@ -586,6 +717,86 @@ class Gateway:
                                response_hash=_digest(orjson.dumps(body)), **members)
         return Audited(body, audit_id)
 
+    def _decide_consented(self, principal: Principal, action: str, purpose: str,
+                          resource: dict[str, Any], verified: VerifiedConsent) -> Decision:
+        """The policy decision of a person-level call, with the verified consent claims."""
+        self._sync_policy_data()
+        return self.policy.decide({
+            "subject": principal.policy_subject(),
+            "action": action,
+            "purpose": purpose,
+            "resource": resource,
+            "consent": verified.policy_input(),
+            "time_ns": int(self.clock() * 1_000_000_000),
+        })
+
+    def _consented(self, principal: Principal, members: dict[str, Any], *,
+                   config: ConsentConfig, now: float, access_token: str,
+                   consent_token: str | None, dpop_proof: str | None, htu: str,
+                   purpose: str, datatypes: tuple[str, ...], period: DataPeriod | None = None,
+                   claim_id: str | None = None
+                   ) -> tuple[VerifiedConsent, str, str]:
+        """The consent token, the DPoP proof and the live consent record, in this order;
+        each refusal raises with its own code (the caller audits it). Returns the proof's
+        ``jti`` too: it is spent by :meth:`_spend`, once the request is otherwise allowed.
+        Returns (verified claims, the consent record's subject, the proof's jti)."""
+        now_ns = int(now * 1e9)
+        if not consent_token:
+            raise AuthenticationFailed("Consent header missing", code="consent_missing")
+        verified = verify_consent_token(
+            consent_token, key_set=config.key_set, issuer=config.issuer,
+            audience=config.issuer, client_id=principal.org or "", now=now,
+            required_datatypes=datatypes, purpose=purpose, period=period, claim_id=claim_id,
+        )
+        members["consent_id"] = verified.consent_id
+        members["subject_pseudonym"] = verified.sub
+        # The proof's jti is spent last, with the consent's (one group-committed write):
+        # here it is only read.
+        proof = verify_dpop_proof(
+            dpop_proof, htm="POST", htu=htu, access_token=access_token,
+            expected_jkt=verified.cnf_jkt, now=now, seen_jti=lambda jti: True,
+        )
+        # One primary-key read in its own transaction: a revocation committed by any process
+        # holds here on the very next request.
+        status = self.state.consent_status(verified.consent_id, now_ns)
+        if status is None or not status[2]:
+            raise consent_refused("consent revoked or no longer valid", "consent_revoked")
+        subject, insurer_org, _ = status
+        if insurer_org != principal.org or pairwise_sub(
+            config.pairwise_key, subject, insurer_org
+        ) != verified.sub:
+            raise consent_refused("token does not match its consent record",
+                                  "consent_mismatch")
+        return verified, subject, proof.jti
+
+    def _spend(self, principal: Principal, dpop_jti: str, verified: VerifiedConsent,
+               now: float) -> None:
+        """Spend the DPoP proof's ``jti`` and, for a single-use consent, the consent's — last,
+        so a refused request never burns a consent — in one write shared with the concurrent
+        requests of this process (group commit). A replayed proof spends nothing."""
+        now_ns = int(now * 1e9)
+        config = self._consent_config()
+        assert config.replay is not None  # noqa: S101 - set by load_consent_config
+        item = ReplaySpend(
+            client_id=principal.client_id, dpop_jti=dpop_jti,
+            dpop_expires_ns=now_ns + _DPOP_REMEMBER_S * 1_000_000_000,
+            consent_jti=verified.jti if verified.single_use else None,
+            consent_id=verified.consent_id,
+            consent_expires_ns=int(verified.replay_window_ends * 1e9))
+        dpop_new, consent_new = config.replay.spend(item, now_ns)
+        if not dpop_new:
+            raise AuthenticationFailed("DPoP proof jti was already used", code="dpop_replay")
+        if not consent_new:
+            raise consent_refused("single-use consent already used", "consent_used")
+
+    def _refused(self, principal: Principal, action: str, exc: GatewayError,
+                 members: dict[str, Any]) -> None:
+        reasons = exc.reasons if isinstance(exc, PolicyDenied) else [exc.message]
+        audit_id = self.record(principal, action, status=exc.status,
+                               decision="error" if exc.status >= 500 else "deny",
+                               error_code=exc.code, reasons=list(reasons), **members)
+        exc.details["audit_id"] = audit_id
+
     def enrollment_check(self, principal: Principal, *, access_token: str,
                          consent_token: str | None, dpop_proof: str | None,
                          htu: str) -> Audited:
@@ -596,61 +807,222 @@ class Gateway:
         try:
             config = self._consent_config()
             now = self.clock()
-            now_ns = int(now * 1e9)
-            if not consent_token:
-                raise AuthenticationFailed("Consent header missing", code="consent_missing")
-            verified = verify_consent_token(
-                consent_token, key_set=config.key_set, issuer=config.issuer,
-                audience=config.issuer, client_id=principal.org or "", now=now,
-                required_datatypes=ENROLLMENT_DATATYPES, purpose=ENROLLMENT_PURPOSE,
-            )
-            members["consent_id"] = verified.consent_id
-            members["subject_pseudonym"] = verified.sub
-            remember_ns = now_ns + _DPOP_REMEMBER_S * 1_000_000_000
-            verify_dpop_proof(
-                dpop_proof, htm="POST", htu=htu, access_token=access_token,
-                expected_jkt=verified.cnf_jkt, now=now,
-                seen_jti=lambda jti: self.state.spend_dpop_jti(
-                    principal.client_id, jti, remember_ns, now_ns),
-            )
-            if not self.state.is_consent_live(verified.consent_id, now_ns):
-                raise consent_refused("consent revoked or no longer valid", "consent_revoked")
-            stored = self.state.get_consent(verified.consent_id)
-            if stored is None or stored.record.insurer_org != principal.org or pairwise_sub(
-                config.pairwise_key, stored.record.subject, stored.record.insurer_org
-            ) != verified.sub:
-                raise consent_refused("token does not match its consent record",
-                                      "consent_mismatch")
-            decision = self._decide(principal, ENROLLMENT_ACTION, None, {})
+            verified, subject, dpop_jti = self._consented(
+                principal, members, config=config, now=now, access_token=access_token,
+                consent_token=consent_token, dpop_proof=dpop_proof, htu=htu,
+                purpose=ENROLLMENT_PURPOSE, datatypes=ENROLLMENT_DATATYPES)
+            decision = self._decide_consented(
+                principal, ENROLLMENT_ACTION, ENROLLMENT_PURPOSE,
+                {"dataset": "persons", "datatypes": list(ENROLLMENT_DATATYPES)}, verified)
             members["policy_version"] = decision.policy_version
             if not decision.allow:
                 raise PolicyDenied(decision.reasons)
-            if verified.single_use and not self.state.consume_consent_jti(
-                verified.jti, verified.consent_id, int(verified.replay_window_ends * 1e9),
-                now_ns,
-            ):
-                raise consent_refused("single-use consent already used", "consent_used")
-            _, rows, data_version = self.store.fetch(
-                _ENROLLMENT_SQL, [person_from_subject(stored.record.subject)])
+            self._spend(principal, dpop_jti, verified, now)
+            if config.persons is None:
+                config.persons = PersonIndex(self.store)
+            row, data_version = config.persons.get(person_from_subject(subject))
             today = datetime.fromtimestamp(now, tz=CHINA_TZ).date()
-            body = enrollment_answer(rows[0] if rows else None, today)
+            body = enrollment_answer(row, today)
         except GatewayError as exc:
-            reasons = exc.reasons if isinstance(exc, PolicyDenied) else [exc.message]
-            audit_id = self.record(principal, ENROLLMENT_ACTION, status=exc.status,
-                                   decision="error" if exc.status >= 500 else "deny",
-                                   error_code=exc.code, reasons=list(reasons), **members)
-            exc.details["audit_id"] = audit_id
+            self._refused(principal, ENROLLMENT_ACTION, exc, members)
             raise
         audit_id = self.record(principal, ENROLLMENT_ACTION, status=200, decision="allow",
                                data_version=data_version,
                                response_hash=_digest(orjson.dumps(body)), **members)
         return Audited(body, audit_id)
 
+    def persons_settlements(self, principal: Principal, request: SettlementsRequest, *,
+                            access_token: str, consent_token: str | None,
+                            dpop_proof: str | None, htu: str) -> Audited:
+        """线上快速理赔: the person's settlements in the requested period (inside the
+        consented one), with only the fields the policy releases for the purpose and the
+        consented datatypes. Exactly one audit entry, allowed or refused."""
+        members: dict[str, Any] = {"purpose": SETTLEMENTS_PURPOSE,
+                                   "request": request.audit_request()}
+        try:
+            config = self._consent_config()
+            now = self.clock()
+            verified, subject, dpop_jti = self._consented(
+                principal, members, config=config, now=now, access_token=access_token,
+                consent_token=consent_token, dpop_proof=dpop_proof, htu=htu,
+                purpose=SETTLEMENTS_PURPOSE, datatypes=tuple(sorted(set(request.datatypes))),
+                period=request.period, claim_id=request.claim_id)
+            decision = self._decide_consented(
+                principal, SETTLEMENTS_ACTION, SETTLEMENTS_PURPOSE,
+                {"dataset": "person_settlements", "fields": list(SETTLEMENT_FIELDS),
+                 "datatypes": sorted(set(request.datatypes))}, verified)
+            members["policy_version"] = decision.policy_version
+            if not decision.allow or decision.obligations is None:
+                raise PolicyDenied(decision.reasons or ("denied by default",))
+            self._spend(principal, dpop_jti, verified, now)
+            released = frozenset(SETTLEMENT_FIELDS) - set(decision.obligations.mask_fields)
+            members["fields"] = [f for f in SETTLEMENT_FIELDS if f in released]
+            start, end = period_bounds(request.period)
+            psn_id = person_from_subject(subject)
+            params = [psn_id, start, end]
+            try:
+                with self.store.cursor() as (cur, data_version):
+                    try:
+                        cur.execute(SETTLEMENTS_SQL, params)
+                    except duckdb.CatalogException:
+                        cur.execute(SETTLEMENTS_SCAN_SQL, params)  # loaded without it
+                    rows = cur.fetchmany(_SETTLEMENT_FETCH)
+            except duckdb.Error as exc:
+                raise StoreUnavailable("query store error") from exc
+            records, truncated = settlement_rows(rows, released)
+            body = {
+                "period": {"start": request.period.start.isoformat(),
+                           "end": request.period.end.isoformat()},
+                "fields": members["fields"],
+                "settlements": records,
+                "truncated": truncated,
+            }
+        except GatewayError as exc:
+            self._refused(principal, SETTLEMENTS_ACTION, exc, members)
+            raise
+        audit_id = self.record(principal, SETTLEMENTS_ACTION, status=200, decision="allow",
+                               data_version=data_version,
+                               response_hash=_digest(orjson.dumps(body)), **members)
+        return Audited(body, audit_id)
 
-# Read-only lookups of one person by the store pseudonym, as bound parameters.
-_PERSON_EXISTS_SQL = "SELECT 1 FROM persons WHERE psn_id = ?"
-_ENROLLMENT_SQL = (
-    "SELECT insutype, insu_admdvs, psn_insu_date, insu_end_date FROM persons WHERE psn_id = ?"
-)
+    def subject_access(self, caller: SubjectCaller) -> Audited:
+        """For the signed-in person: every audited call about their data (who, when, what
+        for, which fields, allowed or refused) and their live consents."""
+        principal = caller.principal
+        decision = self.authorize(principal, "subjects.access")
+        members: dict[str, Any] = {"policy_version": decision.policy_version}
+        try:
+            config = self._consent_config()
+            now_ns = int(self.clock() * 1e9)
+            consents = self.state.list_consents(subject=caller.person)
+            # Audit entries name the person by the pairwise sub of each insurer: the person's
+            # consents say which insurers to look for.
+            found: list[tuple[int, AuditEntry]] = []
+            for org in sorted({c.record.insurer_org for c in consents}):
+                sub = pairwise_sub(config.pairwise_key, caller.person, org)
+                found += self.audit.search(subject_pseudonym=sub, limit=MAX_SEARCH_LIMIT)
+            found.sort(key=lambda item: item[0])
+            body = {
+                "access": [access_item(index, entry) for index, entry in found],
+                "consents": [consent_item(c, now_ns) for c in consents if c.live_at(now_ns)],
+            }
+        except GatewayError as exc:
+            self._refused(principal, "subjects.access", exc, members)
+            raise
+        audit_id = self.record(principal, "subjects.access", status=200, decision="allow",
+                               response_hash=_digest(orjson.dumps(body)), **members)
+        return Audited(body, audit_id)
+
+    # -- consent key rotation (gateway consent keys …) -----------------------------------
+    def consent_keys(self, principal: Principal) -> Audited:
+        """The key registry: every key with its state (retired ones too)."""
+        decision = self.authorize(principal, "consents.manage")
+        self._consent_config()
+        body = [{"kid": k.kid, "state": k.state,
+                 "private_key": "file" if (k.private_key_ref or "").startswith("file:")
+                 else ("none" if k.private_key_ref is None else "external"),
+                 "created_at": utc_timestamp(datetime.fromtimestamp(k.created_at_ns / 1e9,
+                                                                     tz=UTC)),
+                 "updated_at": utc_timestamp(datetime.fromtimestamp(k.updated_at_ns / 1e9,
+                                                                     tz=UTC))}
+                for k in self.state.consent_keys()]
+        audit_id = self.record(principal, "consents.keys", status=200, decision="allow",
+                               request={"op": "list"}, policy_version=decision.policy_version,
+                               response_hash=_digest(orjson.dumps(body)))
+        return Audited(body, audit_id)
+
+    def change_consent_key(self, principal: Principal, op: str, kid: str | None = None, *,
+                           min_pending_s: float = 0.0) -> Audited:
+        """``add`` a new key (pending: published, signs nothing), ``activate`` a pending one
+        (it signs from now on; only after ``min_pending_s`` published, so verifiers caching
+        the JWKS know it first), or ``retire`` one (verifies nothing, ever). One audit entry
+        per change, allowed or refused."""
+        decision = self.authorize(principal, "consents.manage")
+        request: dict[str, Any] = {"op": op, "kid": kid}
+        members: dict[str, Any] = {"policy_version": decision.policy_version}
+        try:
+            config = self._consent_config()
+            now_ns = int(self.clock() * 1e9)
+            if op == "add":
+                kid, jwk, ref = new_consent_key(config.keys_dir)
+                request["kid"] = kid
+                old = self.state.save_consent_key(kid, "pending", jwk, private_key_ref=ref,
+                                                  now_ns=now_ns)
+                new: KeyState = "pending"
+            elif op in ("activate", "retire"):
+                rows = {k.kid: k for k in self.state.consent_keys()}
+                row = rows.get(kid or "")
+                if row is None:
+                    raise NotFound("no consent key with this kid")
+                new = "active" if op == "activate" else "retired"
+                if row.state == new:
+                    raise Conflict(f"key {row.kid} is already {new}")
+                if op == "activate":
+                    if config.keys.private_key(row.private_key_ref) is None:
+                        raise ValidationFailed("this key has no private key file here: it can "
+                                               "verify but never sign")
+                    if now_ns - row.updated_at_ns < min_pending_s * 1e9:
+                        raise Conflict(f"key {row.kid} has been published for less than "
+                                       f"{min_pending_s:.0f} s; activate it later")
+                elif row.state == "active" and not any(
+                    k.state == "active" and k.kid != row.kid for k in rows.values()
+                ):
+                    raise Conflict("this is the only active key: add and activate another "
+                                   "one first")
+                old = self.state.save_consent_key(row.kid, new, row.public_jwk,
+                                                  now_ns=now_ns)
+            else:
+                raise ValidationFailed("op must be add, activate or retire")
+            request.update({"from": old, "to": new})
+        except GatewayError as exc:
+            self.record(principal, "consents.keys", status=exc.status,
+                        decision="error" if exc.status >= 500 else "deny",
+                        error_code=exc.code, reasons=[exc.message], request=request,
+                        **members)
+            raise
+        body = {"kid": request["kid"], "from": old, "to": new}
+        audit_id = self.record(principal, "consents.keys", status=200, decision="allow",
+                               request=request, response_hash=_digest(orjson.dumps(body)),
+                               **members)
+        return Audited(body, audit_id)
+
+
+def access_item(index: int, entry: AuditEntry) -> dict[str, Any]:
+    """One line of a person's access list: who, when, what for, which fields, the outcome."""
+    return {
+        "audit_id": index,
+        "ts": entry.ts,
+        "who": {"org": entry.org, "client_id": entry.actor, "role": entry.role},
+        "action": entry.action,
+        "purpose": entry.purpose,
+        "fields": list(entry.fields),
+        "decision": entry.decision,
+        "status": entry.status,
+        "error_code": entry.error_code,
+        "consent_id": entry.consent_id,
+    }
+
+
+def consent_item(stored: StoredConsent, now_ns: int) -> dict[str, Any]:
+    record = stored.record
+    return {
+        "consent_id": record.consent_id,
+        "insurer": record.insurer_org,
+        "purpose": record.purpose,
+        "datatypes": list(record.datatypes),
+        "period": {"start": record.period_start.isoformat(),
+                   "end": record.period_end.isoformat()},
+        "claim_id": record.claim_id,
+        "single_use": record.single_use,
+        "state": stored.state_at(now_ns).value,
+        "valid_from": utc_timestamp(record.valid_from.astimezone(UTC)),
+        "valid_until": utc_timestamp(record.valid_until.astimezone(UTC)),
+    }
+
+
+# Read-only lookups of one person, as bound parameters.
+_PERSON_LOOKUP_SQL = "SELECT psn_id FROM person_lookup WHERE lookup = ?"
+# One more than the answer's row cap, to tell the caller the answer was cut.
+_SETTLEMENT_FETCH = 1001
 # A DPoP jti is remembered for the accepted proof age (60 s) plus twice the skew (5 s).
 _DPOP_REMEMBER_S = 70

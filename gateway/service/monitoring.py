@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Generator, Iterable
 from itertools import islice
 from typing import Any, Final, Literal
@@ -61,6 +62,10 @@ REPORT_TIMEZONE: Final = "Asia/Shanghai"
 TICK_ENTRIES: Final = 10_000
 #: Most alerts one API read returns.
 MAX_ALERTS_LIMIT: Final = 1000
+#: Name of the alert engine's saved state in the audit store (``AuditLog.save_state``).
+STATE_NAME: Final = "alerts"
+#: The engine's state is saved at most this often while entries arrive, and on stop.
+SAVE_EVERY_S: Final = 5.0
 
 
 class Monitor:
@@ -77,8 +82,10 @@ class Monitor:
         if tick_entries < 1:
             raise ValueError("tick_entries must be >= 1")
         self.log = log
-        self.engine = AlertEngine(config)
+        self.engine = _restored(log, config) or AlertEngine(config)
         self.tick_entries = tick_entries
+        self._saved_index = self.engine.last_index
+        self._saved_at = time.monotonic()
         self._feed_lock = threading.Lock()
         self._state_lock = threading.Lock()
         self._stop = threading.Event()
@@ -103,7 +110,19 @@ class Monitor:
             finally:
                 if isinstance(rows, Generator):
                     rows.close()  # ends the store's read snapshot when stopped early
+            if fed and time.monotonic() - self._saved_at >= SAVE_EVERY_S:
+                self.save()
             return fed
+
+    def save(self) -> None:
+        """Save the engine's state (alerts raised, windows, baselines) in the audit store, so
+        a restarted gateway lists the same alerts and keeps its baselines without replaying
+        the whole log."""
+        last = self.engine.last_index
+        if last == self._saved_index:
+            return
+        self.log.save_state(STATE_NAME, self.engine.snapshot())
+        self._saved_index, self._saved_at = last, time.monotonic()
 
     def alerts(self, rule: str | None = None, after_index: int | None = None,
                limit: int = 100) -> list[Alert]:
@@ -134,6 +153,11 @@ class Monitor:
             self._stop.set()
         if thread is not None:
             thread.join(timeout)
+        try:
+            with self._feed_lock:
+                self.save()
+        except Exception as exc:  # the log may already be unusable; the state is rebuildable
+            _log.error("alert state not saved (%s)", type(exc).__name__)
 
     @property
     def running(self) -> bool:
@@ -154,6 +178,20 @@ class Monitor:
                 fed = 0
             if fed < self.tick_entries:  # caught up (or failing): wait; else keep going
                 self._stop.wait(interval_s * min(1 + failures, 20))
+
+
+def _restored(log: AuditLog, config: AlertConfig | None) -> AlertEngine | None:
+    """The engine saved in ``log``, if it was saved under the same config and the log still
+    holds every entry it saw (a replaced or shrunk store: start afresh, replay)."""
+    try:
+        data = log.load_state(STATE_NAME)
+        engine = None if data is None else AlertEngine.restore(data, config)
+        if engine is None or engine.last_index >= log.size():
+            return None
+    except Exception as exc:  # a fresh engine replaying the log is always correct
+        _log.error("alert state not loaded (%s)", type(exc).__name__)
+        return None
+    return engine
 
 
 # -- metrics: one collector per process, reading the current monitor ----------------------

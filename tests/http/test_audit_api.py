@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +16,23 @@ from gateway.audit.checkpoint import parse_and_verify_checkpoint
 from gateway.audit.merkle import verify_consistency, verify_inclusion
 from gateway.auth.keys import load_private_key
 from gateway.errors import AuditIntegrityError
-from tests.conftest import Env
+from tests.conftest import Env, LoadedStore, make_env
 from tests.http.test_cli import _run
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def env(request: pytest.FixtureRequest, tmp_path: Path, loaded_store: LoadedStore,
+        signing_key_file: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Env]:
+    """The gateway with its audit log on each backend (``GATEWAY_AUDIT_URL`` selects
+    PostgreSQL, as in production)."""
+    if request.param == "postgres":
+        monkeypatch.setenv("GATEWAY_AUDIT_URL", request.getfixturevalue("postgres_url"))
+    environment = make_env(tmp_path, loaded_store.store_dir, signing_key_file)
+    want = "PostgresAuditLog" if request.param == "postgres" else "SqliteAuditLog"
+    assert type(environment.gateway.audit).__name__ == want
+    with environment.client:
+        yield environment
+    environment.gateway.audit.close()
 
 
 def _public_key(env: Env) -> Any:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import random
 from collections.abc import Iterator
 from datetime import UTC, datetime, time, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -492,3 +493,88 @@ def test_differencing_shape_ignores_labels_and_order_but_not_having() -> None:
     for i, filters in enumerate(TRACKER):
         having = [{"measure": "count_persons", "op": ">=", "value": 10 + i}]
         assert feed2(make(i, request=labelled(i, filters, having=having))) == []
+
+
+# -- persistence ------------------------------------------------------------------------------
+
+
+def _tracker_and_volume_stream() -> list[tuple[int, AuditEntry]]:
+    """Every rule fires, on state that straddles any cut: a volume baseline built over
+    minutes, a refusal burst, a consent's first key, a differencing tracker, night queries."""
+    timed: list[tuple[float, AuditEntry]] = [(float(i), e) for i, e in mixed_stream(400, seed=5)]
+    for k in range(12):
+        timed.append((30.0 + 5.0 * k, make(30.0 + 5.0 * k, actor="prober", decision="deny")))
+    timed.append((1.5, make(1.5, actor="holder", action="persons.enrollment",
+                            consent_id="c1", request={"dpop_jkt": "k0"})))
+    timed.append((350.5, make(350.5, actor="holder", action="persons.enrollment",
+                              consent_id="c1", request={"dpop_jkt": "k1"})))
+    for k in range(12):
+        filters: dict[str, list[str | int]] = (
+            {"insu_admdvs": ["R01", f"R{10 + k}"]} if k % 2 else {"insu_admdvs": ["R01"]})
+        timed.append((25.0 * k + 0.7, make(25.0 * k + 0.7, actor="tracker",
+                                           request=query(filters))))
+    for minute in range(6):
+        for k in range(2 if minute < 5 else 30):
+            t = 60.0 * minute + k * 0.9 + 0.3
+            timed.append((t, make(t, actor="bulk-1", org="bulk", action="query.sql")))
+    timed.append((399.9, make(399.9, base=MONDAY_10 + timedelta(hours=12), actor="night")))
+    timed.sort(key=lambda pair: pair[0])
+    return list(enumerate(e for _, e in timed))
+
+
+@pytest.mark.parametrize("cut", [1, 150, 300, 460])
+def test_a_restored_snapshot_continues_as_if_never_stopped(cut: int) -> None:
+    config = AlertConfig(volume_min_count=5, volume_window_s=60, volume_min_history=1)
+    stream = _tracker_and_volume_stream()
+    reference = AlertEngine(config)
+    everything = reference.observe_many(stream)
+    assert {a.rule for a in everything} == set(RULES)
+
+    before = AlertEngine(config)
+    before.observe_many(stream[:cut])
+    restored = AlertEngine.restore(before.snapshot(), config)
+    assert restored is not None
+    assert restored.last_index == cut - 1
+    assert restored.alerts(limit=1000) == before.alerts(limit=1000)  # raised ones still listed
+    restored.observe_many(stream[cut:])
+    assert restored.alerts(limit=1000) == reference.alerts(limit=1000)
+    assert restored.counts_by_rule() == reference.counts_by_rule()
+    assert restored.state_size() == reference.state_size()
+    assert restored.snapshot() == reference.snapshot()
+
+
+def test_a_snapshot_under_another_config_or_damaged_is_not_restored() -> None:
+    engine = AlertEngine(AlertConfig())
+    engine.observe_many(mixed_stream(50))
+    data = engine.snapshot()
+    assert AlertEngine.restore(data, AlertConfig()) is not None
+    assert AlertEngine.restore(data, AlertConfig(refusal_burst_count=3)) is None
+    assert AlertEngine.restore(data[:-10], AlertConfig()) is None
+    assert AlertEngine.restore(b'{"version": 99}', AlertConfig()) is None
+
+
+def test_a_restarted_monitor_lists_the_alerts_and_keeps_its_place(tmp_path: Path) -> None:
+    from gateway.audit import SqliteAuditLog
+    from gateway.service.monitoring import Monitor
+
+    with SqliteAuditLog(tmp_path / "audit.db") as log:
+        for k in range(12):
+            log.append(make(float(k), actor="prober", decision="deny"))
+        monitor = Monitor(log)
+        assert monitor.catch_up() == 12
+        raised = monitor.engine.alerts()
+        assert [a.rule for a in raised] == [REFUSAL_BURST]
+        monitor.stop()  # saves the engine's state in the store
+
+    with SqliteAuditLog(tmp_path / "audit.db") as log:
+        log.append(make(20.0, actor="prober", decision="deny"))
+        again = Monitor(log)
+        # Listed before reading a single entry: nothing replayed, nothing lost.
+        assert again.engine.alerts() == raised
+        assert again.engine.last_index == 11
+        assert again.catch_up() == 1  # only the new entry
+        again.stop()
+        # Another config: the saved state does not apply, the log is replayed.
+        other = Monitor(log, AlertConfig(refusal_burst_count=3))
+        assert other.engine.last_index == -1
+        assert other.catch_up() == 13

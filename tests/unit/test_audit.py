@@ -14,12 +14,14 @@ import hashlib
 import json
 import math
 import random
+import re
 import sqlite3
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -51,7 +53,9 @@ from gateway.audit import (
     verify_bundle,
     verify_bundle_checkpoint,
 )
+from gateway.audit.entry import PERSONAL_FIELDS, entry_from_stored
 from gateway.audit.log import BuildRows
+from gateway.audit.postgres import PostgresAuditLog
 from gateway.errors import AuditIntegrityError, AuditUnavailable, BadRequest, NotFound
 
 REPO = Path(__file__).resolve().parents[2]
@@ -117,7 +121,7 @@ def reference_chain(entries_json: list[bytes]) -> list[bytes]:
 # -- fixtures ------------------------------------------------------------------------------
 
 
-@pytest.fixture(params=["sqlite"])
+@pytest.fixture(params=["sqlite", "postgres"])
 def backend(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
@@ -125,15 +129,22 @@ def backend(request: pytest.FixtureRequest) -> str:
 LogFactory = Callable[..., AuditLog]
 
 
-@pytest.fixture
-def make_log(backend: str, tmp_path: Path) -> Iterator[LogFactory]:
+def _factory(backend: str, tmp_path: Path, request: pytest.FixtureRequest
+             ) -> Iterator[LogFactory]:
+    """Opens logs on one store per ``name`` (a file for SQLite, a schema for PostgreSQL, in a
+    fresh database per test); the same name again is the same store, as after a restart."""
     opened: list[AuditLog] = []
+    url = str(request.getfixturevalue("postgres_url")) if backend == "postgres" else ""
 
-    def factory(
-        name: str = "audit.db", cls: type[SqliteAuditLog] = SqliteAuditLog, **kw: Any
-    ) -> AuditLog:
-        assert backend == "sqlite"
-        log = cls(tmp_path / name, **kw)
+    def factory(name: str = "audit.db", cls: type[AuditLog] | None = None, **kw: Any
+                ) -> AuditLog:
+        log: AuditLog
+        if backend == "sqlite":
+            log = (cls or SqliteAuditLog)(tmp_path / name, **kw)  # type: ignore[call-arg,arg-type]
+        else:
+            pg_cls = PgGatedLog if cls is GatedLog else PostgresAuditLog
+            schema = re.sub(r"[^a-z0-9_]", "_", name.lower())
+            log = pg_cls(url, schema=schema, **kw)
         opened.append(log)
         return log
 
@@ -142,12 +153,29 @@ def make_log(backend: str, tmp_path: Path) -> Iterator[LogFactory]:
         log.close()
 
 
+@pytest.fixture
+def make_log(backend: str, tmp_path: Path, request: pytest.FixtureRequest
+             ) -> Iterator[LogFactory]:
+    """Logs on every backend: the same tests run on SQLite and on a real PostgreSQL."""
+    yield from _factory(backend, tmp_path, request)
+
+
+@pytest.fixture
+def make_sqlite_log(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[LogFactory]:
+    """SQLite logs, for tests that tamper with the file (``test_audit_postgres`` does the
+    same to a PostgreSQL store)."""
+    yield from _factory("sqlite", tmp_path, request)
+
+
 def raw_db(path: Path) -> sqlite3.Connection:
     return sqlite3.connect(path, isolation_level=None)
 
 
-class GatedLog(SqliteAuditLog):
+class _Gate:
     """Holds every batch at a gate, so a test can decide when the store is written."""
+
+    gate: threading.Event
+    entered: threading.Event
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self.gate = threading.Event()
@@ -157,7 +185,15 @@ class GatedLog(SqliteAuditLog):
     def _append_rows(self, build: BuildRows) -> None:
         self.entered.set()
         self.gate.wait()
-        super()._append_rows(build)
+        super()._append_rows(build)  # type: ignore[misc]
+
+
+class GatedLog(_Gate, SqliteAuditLog):
+    """A SQLite log whose batches wait at a gate."""
+
+
+class PgGatedLog(_Gate, PostgresAuditLog):
+    """A PostgreSQL log whose batches wait at a gate."""
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
@@ -168,7 +204,7 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
         time.sleep(0.001)
 
 
-def start_held(log: GatedLog, target: Callable[[int], None], n: int) -> list[threading.Thread]:
+def start_held(log: Any, target: Callable[[int], None], n: int) -> list[threading.Thread]:
     """Start ``n`` appending threads: the first one's batch is held at the gate, the others
     are queued behind it."""
     threads = [threading.Thread(target=target, args=(i,)) for i in range(n)]
@@ -269,9 +305,11 @@ def test_entry_bytes_are_canonical_json_of_every_member() -> None:
     entry = make_entry(1)
     data = entry_bytes(entry)
     parsed = json.loads(data)
-    assert set(parsed) == set(AuditEntry.model_fields)
+    # Personal members sit outside the leaf, which holds their commitment (here: none).
+    assert set(parsed) == set(AuditEntry.model_fields) - set(PERSONAL_FIELDS) | {"personal"}
+    assert parsed["personal"] is None
     assert canonical_json(parsed) == data
-    assert AuditEntry.model_validate_json(data) == entry
+    assert entry_from_stored(data, None) == entry
 
 
 def test_entry_fills_and_checks_request_hash() -> None:
@@ -373,7 +411,7 @@ def test_entries_are_durable_after_close_and_reopen(make_log: LogFactory) -> Non
 
 def test_close_drains_queued_entries(make_log: LogFactory) -> None:
     log = make_log(cls=GatedLog)
-    assert isinstance(log, GatedLog)
+    assert isinstance(log, _Gate)
     results: list[int] = []
 
     def worker(i: int) -> None:
@@ -392,10 +430,10 @@ def test_close_drains_queued_entries(make_log: LogFactory) -> None:
 
 
 def test_store_failure_mid_batch_fails_every_waiter_and_rolls_back(
-    make_log: LogFactory, tmp_path: Path
+    make_sqlite_log: LogFactory, tmp_path: Path
 ) -> None:
-    log = make_log(cls=GatedLog)
-    assert isinstance(log, GatedLog)
+    log = make_sqlite_log(cls=GatedLog)
+    assert isinstance(log, _Gate)
     log.gate.set()
     assert log.append(make_entry(0)) == 0
     log.gate.clear()
@@ -434,8 +472,10 @@ def test_store_failure_mid_batch_fails_every_waiter_and_rolls_back(
     assert log.verify() == 3
 
 
-def test_locked_store_fails_waiters_then_recovers(make_log: LogFactory, tmp_path: Path) -> None:
-    log = make_log(busy_timeout=0.05)
+def test_locked_store_fails_waiters_then_recovers(
+    make_sqlite_log: LogFactory, tmp_path: Path
+) -> None:
+    log = make_sqlite_log(busy_timeout=0.05)
     log.append(make_entry(0))
     blocker = raw_db(tmp_path / "audit.db")
     blocker.execute("BEGIN IMMEDIATE")  # another process holding the write lock
@@ -459,7 +499,7 @@ def test_locked_store_fails_waiters_then_recovers(make_log: LogFactory, tmp_path
 
 def test_full_queue_refuses_rather_than_drops(make_log: LogFactory) -> None:
     log = make_log(cls=GatedLog, max_queue=2, max_batch=1)
-    assert isinstance(log, GatedLog)
+    assert isinstance(log, _Gate)
     results: list[int] = []
 
     def worker(i: int) -> None:
@@ -476,8 +516,8 @@ def test_full_queue_refuses_rather_than_drops(make_log: LogFactory) -> None:
     assert log.size() == 3
 
 
-def test_rows_cannot_be_changed_through_sql(make_log: LogFactory, tmp_path: Path) -> None:
-    log = make_log()
+def test_rows_cannot_be_changed_through_sql(make_sqlite_log: LogFactory, tmp_path: Path) -> None:
+    log = make_sqlite_log()
     for i in range(3):
         log.append(make_entry(i))
     db = raw_db(tmp_path / "audit.db")
@@ -532,9 +572,9 @@ def _tamper(path: Path, *statements: str) -> None:
     ],
 )
 def test_verify_finds_first_tampered_entry(
-    make_log: LogFactory, tmp_path: Path, statement: str, message: str
+    make_sqlite_log: LogFactory, tmp_path: Path, statement: str, message: str
 ) -> None:
-    log = make_log()
+    log = make_sqlite_log()
     for i in range(10):
         log.append(make_entry(i))
     _tamper(tmp_path / "audit.db", statement)
@@ -543,8 +583,10 @@ def test_verify_finds_first_tampered_entry(
     assert info.value.index == int(message.split()[1].rstrip(":"))
 
 
-def test_store_that_shrank_under_the_log_is_refused(make_log: LogFactory, tmp_path: Path) -> None:
-    log = make_log()
+def test_store_that_shrank_under_the_log_is_refused(
+    make_sqlite_log: LogFactory, tmp_path: Path
+) -> None:
+    log = make_sqlite_log()
     for i in range(5):
         log.append(make_entry(i))
     _tamper(tmp_path / "audit.db", "DELETE FROM audit_entries WHERE idx >= 3")
@@ -697,6 +739,15 @@ def test_store_roots_and_proofs_match_the_tree_of_its_leaves(make_log: LogFactor
         proof = log.inclusion_proof(index, 75)
         assert proof == merkle.inclusion_proof(index, 75, leaves)
         merkle.verify_inclusion(log.leaf_hash(index), index, 75, proof, log.root())
+    # The endpoint's one-read form, for every leaf of every size, with the proof cache warm
+    # (levels >= 2 cached, level 1 hashed from leaves) and then cold in a fresh log.
+    for fresh in (False, True):
+        reader = make_log() if fresh else log
+        for size in (1, 2, 3, 5, 8, 13, 31, 32, 33, 64, 75):
+            for index in range(size):
+                assert reader.inclusion(index, size) == (
+                    leaves[index], merkle.root(leaves[:size]),
+                    merkle.inclusion_proof(index, size, leaves))
 
 
 @pytest.mark.parametrize(
@@ -734,9 +785,9 @@ def _tamper_subtree(path: Path, level: int, idx: int) -> None:
 
 
 def test_verify_and_export_find_a_tampered_subtree_hash(
-    make_log: LogFactory, tmp_path: Path
+    make_sqlite_log: LogFactory, tmp_path: Path
 ) -> None:
-    log = make_log()
+    log = make_sqlite_log()
     for i in range(10):
         log.append(make_entry(i))
     _tamper_subtree(tmp_path / "audit.db", 2, 1)
@@ -750,8 +801,10 @@ def test_verify_and_export_find_a_tampered_subtree_hash(
     assert not (tmp_path / "b.json").exists()
 
 
-def test_subtree_rows_cannot_be_changed_through_sql(make_log: LogFactory, tmp_path: Path) -> None:
-    log = make_log()
+def test_subtree_rows_cannot_be_changed_through_sql(
+    make_sqlite_log: LogFactory, tmp_path: Path
+) -> None:
+    log = make_sqlite_log()
     for i in range(4):
         log.append(make_entry(i))
     db = raw_db(tmp_path / "audit.db")
@@ -782,8 +835,10 @@ def test_a_schema_1_store_gets_its_subtrees_on_upgrade(tmp_path: Path) -> None:
         assert log.verify() == 22
 
 
-def test_a_missing_subtree_is_an_integrity_error(make_log: LogFactory, tmp_path: Path) -> None:
-    log = make_log()
+def test_a_missing_subtree_is_an_integrity_error(
+    make_sqlite_log: LogFactory, tmp_path: Path
+) -> None:
+    log = make_sqlite_log()
     for i in range(8):
         log.append(make_entry(i))
     db = raw_db(tmp_path / "audit.db")
@@ -823,8 +878,10 @@ def test_checkpoint_max_age_reuses_the_last_note(make_log: LogFactory) -> None:
     assert log.checkpoint(key, origin=ORIGIN) != first
 
 
-def test_no_checkpoint_is_signed_over_a_forked_store(make_log: LogFactory, tmp_path: Path) -> None:
-    log = make_log()
+def test_no_checkpoint_is_signed_over_a_forked_store(
+    make_sqlite_log: LogFactory, tmp_path: Path
+) -> None:
+    log = make_sqlite_log()
     key = signing_key()
     for i in range(6):
         log.append(make_entry(i))
@@ -863,7 +920,10 @@ def test_export_and_verify_round_trip(make_log: LogFactory, tmp_path: Path) -> N
     assert (checkpoint.size, checkpoint.root) == (25, log.root())
     assert base64.b64decode(bundle["public_key"]) == public_raw(key)
     assert [e["entry"] for e in bundle["entries"]] == [
-        log.get(i).model_dump(mode="json") for i in range(25)
+        json.loads(row.entry_json) for row in log.iter_rows()
+    ]
+    assert [entry_from_stored(json.dumps(e["entry"]), None) for e in bundle["entries"]] == [
+        log.get(i) for i in range(25)
     ]
     assert not list(tmp_path.glob(".bundle.json.*"))  # no temporary file left
 
@@ -874,8 +934,10 @@ def test_empty_log_bundle_verifies(make_log: LogFactory, tmp_path: Path) -> None
     assert verify_bundle(out, public_raw(signing_key())) == 0
 
 
-def test_export_refuses_to_sign_a_tampered_store(make_log: LogFactory, tmp_path: Path) -> None:
-    log = make_log()
+def test_export_refuses_to_sign_a_tampered_store(
+    make_sqlite_log: LogFactory, tmp_path: Path
+) -> None:
+    log = make_sqlite_log()
     for i in range(4):
         log.append(make_entry(i))
     _tamper(
@@ -1051,10 +1113,22 @@ def _sign(bundle: dict[str, Any], key: Ed25519PrivateKey) -> None:
     bundle["public_key"] = base64.b64encode(public_raw(key)).decode()
 
 
+def _fixed_salt_log(path: Path) -> SqliteAuditLog:
+    """A log whose personal-part salts are fixed, so the vectors are reproducible (the log
+    warns that such salts are unsafe: expected here)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return SqliteAuditLog(path, unsafe_salt=lambda: bytes(range(16)))
+
+
 def build_vectors(out_dir: Path) -> None:
     """Write ``valid-bundle.json`` (a real export) and the tampered copies to ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp, SqliteAuditLog(Path(tmp) / "audit.db") as log:
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        # A fixed salt for personal parts, so that the vectors are reproducible.
+        _fixed_salt_log(Path(tmp) / "audit.db") as log,
+    ):
         for entry in _vector_entries():
             log.append(entry)
         export_bundle(log, out_dir / "valid-bundle.json", signing_key(), origin=ORIGIN)
@@ -1162,7 +1236,7 @@ def build_vectors(out_dir: Path) -> None:
     # -- the Merkle root and the checkpoint (format v2) --
     leaves = [bytes.fromhex(item["leaf_hash"]) for item in valid["entries"]]
     forked = _forked_entries()
-    forked_leaves = [leaf_hash(entry_bytes(e)) for e in forked]
+    forked_leaves = [leaf_hash(entry_bytes(e, bytes(range(16)))) for e in forked]
 
     b = copy.deepcopy(valid)
     b["head"]["root"] = merkle.root(forked_leaves).hex()
@@ -1210,7 +1284,10 @@ def build_vectors(out_dir: Path) -> None:
 
     # A history rewritten and re-exported with the real key is internally consistent; only a
     # checkpoint the auditor saved earlier catches it.
-    with tempfile.TemporaryDirectory() as tmp, SqliteAuditLog(Path(tmp) / "audit.db") as log:
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        _fixed_salt_log(Path(tmp) / "audit.db") as log,
+    ):
         for entry in forked:
             log.append(entry)
         export_bundle(log, Path(tmp) / "forked.json", signing_key(), origin=ORIGIN)
