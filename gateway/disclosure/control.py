@@ -254,8 +254,8 @@ class DisclosureControl:
                     grant_id, table_key)
                 report["noise"] = plan.published()
             result = self._round(result, compiled, n_dims, options.rounding)
-            released_rows = [r for r in range(len(result.rows))
-                             if not _all_withheld(result, r, len(compiled.measures))]
+            gone = _withheld_rows(result, len(compiled.measures))
+            released_rows = [r for r in range(len(result.rows)) if r not in gone]
             release_id = "rel-" + secrets.token_hex(8)
             now_ns = int(self.clock() * 1e9)
             # Boxes already remembered (a repeated question) cost no write.
@@ -368,8 +368,10 @@ class DisclosureControl:
             return f"{how}differs from {whose} by fewer than {k} persons"
 
         withheld: dict[int, tuple[str, str | None]] = {}
+        # A cell identical to an earlier release reveals nothing new: its differences with
+        # every other release were checked when the later of the two was released.
         new = [(r, boxes[r], persons[r]) for r in range(len(boxes))
-               if persons[r] >= min_cell_size]
+               if persons[r] >= min_cell_size and known.by_box(boxes[r]) is None]
         for row, pair in self._small_pairs(new, known, dataset, k).items():
             withheld[row] = ("difference", explain(pair.earlier, False))
 
@@ -476,7 +478,8 @@ class DisclosureControl:
         assert options.budget_epsilon is not None  # noqa: S101 - checked with the options
         n_measures = len(plan.measures)
         n_rows = len(result.rows)
-        live = [r for r in range(n_rows) if not _all_withheld(result, r, n_measures)]
+        gone = _withheld_rows(result, n_measures)
+        live = [r for r in range(n_rows) if r not in gone]
         # Every cell gets its answer, withheld ones too (paid by the same ε: the cells are
         # disjoint), so that sub-totals can later be summed from this table.
         key_of: dict[tuple[int, str], str] = {}
@@ -571,6 +574,7 @@ class _Known:
     cells: list[ReleasedCell] = field(default_factory=list)  # sorted by person count
     index: BoxIndex = field(default_factory=BoxIndex)
     newest_ns: int = 0
+    released: dict[Box, ReleasedCell] = field(default_factory=dict)
 
     def merge(self, rows: Sequence[tuple[ReleasedRow, int]]) -> None:
         added = False
@@ -579,24 +583,21 @@ class _Known:
             self.newest_ns = max(self.newest_ns, at)
             if box in self.index:
                 continue
-            self.cells.append(ReleasedCell(box, row.n_persons, row.release_id, row.org))
+            cell = ReleasedCell(box, row.n_persons, row.release_id, row.org)
+            self.cells.append(cell)
+            self.released.setdefault(box, cell)
             self.index.add(box)
             added = True
         if added:
             self.cells.sort(key=lambda c: c.n_persons)
 
     def by_box(self, box: Box) -> ReleasedCell | None:
-        for cell in self.cells:
-            if cell.box == box:
-                return cell
-        return None
+        return self.released.get(box)
 
 
-def _all_withheld(result: DisclosedResult, row: int, n_measures: int) -> bool:
-    for cell in result.suppressed:
-        if cell.row == row:
-            return len(cell.measures) >= n_measures
-    return False
+def _withheld_rows(result: DisclosedResult, n_measures: int) -> set[int]:
+    """Rows whose every measure is suppressed."""
+    return {cell.row for cell in result.suppressed if len(cell.measures) >= n_measures}
 
 
 def _answer_key(data_version: str, dataset: str, series: str, bound: Any, fingerprint: Any,
