@@ -65,6 +65,11 @@ bench: $(STAMP)
 	$(BIN)/python bench/ingest_throughput.py --persons 1000000
 	$(BIN)/python bench/policy_decision.py
 	$(BIN)/python bench/aggregate_vs_duckdb.py --persons 1000000
+	$(BIN)/python bench/pricing_vs_duckdb.py --persons 1000000
+	$(BIN)/python bench/dp_vs_smartnoise.py
+	$(BIN)/python bench/audit_log.py
+	$(BIN)/python bench/enrollment_http.py
+	$(BIN)/python bench/topology.py
 
 clean:
 	rm -rf $(VENV) .gateway .pytest_cache .mypy_cache .ruff_cache
