@@ -34,8 +34,9 @@ from psycopg import sql
 from psycopg_pool import ConnectionPool
 
 from gateway.audit import merkle
-from gateway.audit.entry import GENESIS, utc_timestamp
-from gateway.audit.log import AuditLog, BuildRows, SearchFilter, StoredCheckpoint, StoredRow
+from gateway.audit._sql import SqlAuditLog
+from gateway.audit.entry import GENESIS
+from gateway.audit.log import BuildRows, SearchFilter, StoredRow
 from gateway.audit.store import _search_sql
 from gateway.errors import AuditIntegrityError, AuditUnavailable
 
@@ -222,26 +223,6 @@ _PERSONAL_SCAN: Final = """
     SELECT p.idx, p.salt, convert_to(p.personal_json, 'UTF8'), e.entry_json::jsonb ->> 'personal'
     FROM audit_personal AS p LEFT JOIN audit_entries AS e ON e.idx = p.idx ORDER BY p.idx
 """
-_LAST_CHECKPOINT: Final = (
-    "SELECT size, root, note FROM audit_checkpoints ORDER BY size DESC LIMIT 1"
-)
-_STORE_CHECKPOINT: Final = (
-    "INSERT INTO audit_checkpoints (size, root, note) VALUES (%s, %s, %s)"
-)
-_CHECKPOINT_LOCK: Final = (
-    "SELECT pg_advisory_xact_lock(hashtextextended(current_schema() || '.checkpoints', 0))"
-)
-_READ_STATE: Final = "SELECT data FROM audit_follower_state WHERE name = %s"
-_WRITE_STATE: Final = (
-    "INSERT INTO audit_follower_state (name, data) VALUES (%s, %s)"
-    " ON CONFLICT (name) DO UPDATE SET data = excluded.data"
-)
-_ERASABLE: Final = "SELECT idx FROM audit_personal WHERE subject_pseudonym = %s ORDER BY idx"
-_RECORD_ERASURES: Final = """
-    INSERT INTO audit_erasures (idx, erased_at)
-    SELECT idx, %s FROM audit_personal WHERE subject_pseudonym = %s
-"""
-_ERASE: Final = "DELETE FROM audit_personal WHERE subject_pseudonym = %s"
 
 
 def _check_schema_name(schema: str) -> None:
@@ -249,13 +230,19 @@ def _check_schema_name(schema: str) -> None:
         raise ValueError("schema must be a lowercase identifier ([a-z_][a-z0-9_]*)")
 
 
-class PostgresAuditLog(AuditLog):
+class PostgresAuditLog(SqlAuditLog):
     """The audit log in a PostgreSQL database, in schema ``schema`` (created if missing).
 
     Several processes may append at once: the advisory lock serializes their batches.
     ``lock_timeout`` bounds how long a batch waits for it (then its callers get
     :class:`AuditUnavailable`), ``pool_size`` the readers' connections.
     """
+
+    placeholder = "%s"
+    # One checkpoint writer at a time, in any process (READ COMMITTED alone would let two in).
+    checkpoint_lock = (
+        "SELECT pg_advisory_xact_lock(hashtextextended(current_schema() || '.checkpoints', 0))"
+    )
 
     def __init__(
         self,
@@ -369,11 +356,6 @@ class PostgresAuditLog(AuditLog):
                 self._writer = None
             raise
 
-    def _read_tail(self) -> tuple[int, bytes]:
-        with self._reader() as conn:
-            row = conn.execute(_TAIL).fetchone()
-        return (0, GENESIS) if row is None else (row[0] + 1, bytes(row[1]))
-
     def _read_row(self, index: int) -> StoredRow | None:
         with self._reader() as conn:
             row = conn.execute(_ROW, (index,)).fetchone()
@@ -456,37 +438,6 @@ class PostgresAuditLog(AuditLog):
                     yield self._admin
             except psycopg.Error as exc:
                 raise AuditUnavailable(f"audit store cannot be written: {exc}") from exc
-
-    def _read_checkpoint(self) -> StoredCheckpoint | None:
-        with self._reader() as conn:
-            row = conn.execute(_LAST_CHECKPOINT).fetchone()
-        return None if row is None else StoredCheckpoint(row[0], bytes(row[1]), row[2])
-
-    def _store_checkpoint(self, checkpoint: StoredCheckpoint) -> StoredCheckpoint:
-        with self._admin_transaction() as conn:
-            conn.execute(_CHECKPOINT_LOCK)  # one checkpoint writer at a time, any process
-            last = conn.execute(_LAST_CHECKPOINT).fetchone()
-            if last is None or last[0] < checkpoint.size:
-                conn.execute(_STORE_CHECKPOINT,
-                             (checkpoint.size, checkpoint.root, checkpoint.note))
-                return checkpoint
-        return StoredCheckpoint(last[0], bytes(last[1]), last[2])
-
-    def _read_state(self, name: str) -> bytes | None:
-        with self._reader() as conn:
-            row = conn.execute(_READ_STATE, (name,)).fetchone()
-        return None if row is None else bytes(row[0])
-
-    def _write_state(self, name: str, data: bytes) -> None:
-        with self._admin_transaction() as conn:
-            conn.execute(_WRITE_STATE, (name, data))
-
-    def _erase_personal(self, subject_pseudonym: str) -> list[int]:
-        with self._admin_transaction() as conn:
-            indexes = [r[0] for r in conn.execute(_ERASABLE, (subject_pseudonym,))]
-            conn.execute(_RECORD_ERASURES, (utc_timestamp(), subject_pseudonym))
-            conn.execute(_ERASE, (subject_pseudonym,))
-        return indexes
 
     def _close_storage(self) -> None:
         self._closed_storage = True

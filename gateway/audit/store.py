@@ -26,8 +26,9 @@ from typing import Final
 from sqlglot import exp
 
 from gateway.audit import merkle
-from gateway.audit.entry import GENESIS, utc_timestamp
-from gateway.audit.log import AuditLog, BuildRows, SearchFilter, StoredCheckpoint, StoredRow
+from gateway.audit._sql import SqlAuditLog
+from gateway.audit.entry import GENESIS
+from gateway.audit.log import BuildRows, SearchFilter, StoredRow
 from gateway.errors import AuditIntegrityError, AuditUnavailable
 
 __all__ = ["SqliteAuditLog"]
@@ -189,24 +190,9 @@ _PERSONAL_SCAN: Final = """
     SELECT p.idx, p.salt, CAST(p.personal_json AS BLOB), json_extract(e.entry_json, '$.personal')
     FROM audit_personal AS p LEFT JOIN audit_entries AS e ON e.idx = p.idx ORDER BY p.idx
 """
-_LAST_CHECKPOINT: Final = (
-    "SELECT size, root, note FROM audit_checkpoints ORDER BY size DESC LIMIT 1"
-)
-_STORE_CHECKPOINT: Final = "INSERT INTO audit_checkpoints (size, root, note) VALUES (?, ?, ?)"
-_READ_STATE: Final = "SELECT data FROM audit_follower_state WHERE name = ?"
-_WRITE_STATE: Final = (
-    "INSERT INTO audit_follower_state (name, data) VALUES (?, ?)"
-    " ON CONFLICT (name) DO UPDATE SET data = excluded.data"
-)
-_ERASABLE: Final = "SELECT idx FROM audit_personal WHERE subject_pseudonym = ? ORDER BY idx"
-_RECORD_ERASURES: Final = """
-    INSERT INTO audit_erasures (idx, erased_at)
-    SELECT idx, ? FROM audit_personal WHERE subject_pseudonym = ?
-"""
-_ERASE: Final = "DELETE FROM audit_personal WHERE subject_pseudonym = ?"
 
 
-class SqliteAuditLog(AuditLog):
+class SqliteAuditLog(SqlAuditLog):
     """The audit log in a SQLite file (WAL, ``synchronous=FULL``).
 
     Several processes may append to the same file: each batch re-reads the chain head inside
@@ -351,11 +337,6 @@ class SqliteAuditLog(AuditLog):
                 self._writer = None
             raise
 
-    def _read_tail(self) -> tuple[int, bytes]:
-        with self._reader() as conn:
-            row = conn.execute(_TAIL).fetchone()
-        return (0, GENESIS) if row is None else (row[0] + 1, bytes(row[1]))
-
     def _read_row(self, index: int) -> StoredRow | None:
         with self._reader() as conn:
             row = conn.execute(_ROW, (index,)).fetchone()
@@ -451,37 +432,6 @@ class SqliteAuditLog(AuditLog):
                         conn.execute("ROLLBACK")
             except sqlite3.Error as exc:
                 raise AuditUnavailable(f"audit store cannot be written: {exc}") from exc
-
-    def _read_checkpoint(self) -> StoredCheckpoint | None:
-        with self._reader() as conn:
-            row = conn.execute(_LAST_CHECKPOINT).fetchone()
-        return None if row is None else StoredCheckpoint(row[0], bytes(row[1]), row[2])
-
-    def _store_checkpoint(self, checkpoint: StoredCheckpoint) -> StoredCheckpoint:
-        # BEGIN IMMEDIATE: no other process stores a checkpoint between the two statements.
-        with self._admin_transaction() as conn:
-            last = conn.execute(_LAST_CHECKPOINT).fetchone()
-            if last is None or last[0] < checkpoint.size:
-                conn.execute(_STORE_CHECKPOINT,
-                             (checkpoint.size, checkpoint.root, checkpoint.note))
-                return checkpoint
-        return StoredCheckpoint(last[0], bytes(last[1]), last[2])
-
-    def _read_state(self, name: str) -> bytes | None:
-        with self._reader() as conn:
-            row = conn.execute(_READ_STATE, (name,)).fetchone()
-        return None if row is None else bytes(row[0])
-
-    def _write_state(self, name: str, data: bytes) -> None:
-        with self._admin_transaction() as conn:
-            conn.execute(_WRITE_STATE, (name, data))
-
-    def _erase_personal(self, subject_pseudonym: str) -> list[int]:
-        with self._admin_transaction() as conn:
-            indexes = [idx for (idx,) in conn.execute(_ERASABLE, (subject_pseudonym,))]
-            conn.execute(_RECORD_ERASURES, (utc_timestamp(), subject_pseudonym))
-            conn.execute(_ERASE, (subject_pseudonym,))
-        return indexes
 
     def _close_storage(self) -> None:
         with self._pool_lock:
