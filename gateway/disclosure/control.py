@@ -226,9 +226,10 @@ class DisclosureControl:
         domains = self._domains(data_version, query.dataset, dataset)
         boxes = [normalize(box_of_cell(query.filters, compiled.dimensions, key), domains)
                  for key in keys]
-        # Check, decide and remember under one lock: a concurrent request in this process
-        # must see these cells before it runs its own check.
-        with self._check_lock:
+        # Check, decide and remember under one lock, in this process and across every worker
+        # sharing the state store: a concurrent request must see these cells before it runs
+        # its own check.
+        with self._check_lock, self.state.exclusive("disclosure-releases"):
             withheld, derived = self._difference_check(
                 query.dataset, dataset, boxes, persons, data_version,
                 k=options.difference_k, min_cell_size=obligations.min_cell_size, org=org)

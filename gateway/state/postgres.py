@@ -131,6 +131,24 @@ class PostgresStateStore(StateStore):
             raise
 
     @contextmanager
+    def exclusive(self, name: str) -> Iterator[None]:
+        # A session-level advisory lock on a connection kept for the duration; lock_timeout
+        # bounds the wait (then 503), and a dead session releases it.
+        try:
+            with self._pool.connection() as conn:
+                conn.execute("SELECT pg_advisory_lock(hashtextextended(%s, 0))",
+                             ("gateway.exclusive." + name,))
+                conn.commit()
+                try:
+                    yield
+                finally:
+                    conn.execute("SELECT pg_advisory_unlock(hashtextextended(%s, 0))",
+                                 ("gateway.exclusive." + name,))
+                    conn.commit()
+        except psycopg.Error as exc:
+            raise StoreUnavailable("state store unavailable") from exc
+
+    @contextmanager
     def _tx(self, *, write: bool = False) -> Iterator[Cursor]:
         with self._transaction(lock=write) as cur:
             yield cur

@@ -16,6 +16,7 @@ committed before they started. Driver errors surface as :class:`StoreUnavailable
 
 from __future__ import annotations
 
+import fcntl
 import json
 import sqlite3
 import threading
@@ -98,6 +99,12 @@ class GrantRecord:
 
 class StateStore(ConsentStatements, DisclosureStatements, ABC):
     """State operations over a DB-API connection; subclasses open it."""
+
+    @abstractmethod
+    def exclusive(self, name: str) -> AbstractContextManager[None]:
+        """Held by one holder at a time across every process sharing this store, for work
+        that reads, decides outside the store, then writes (the difference check: a release
+        must see every earlier release). Backend errors surface as StoreUnavailable."""
 
     @abstractmethod
     def _tx(self, *, write: bool = False) -> AbstractContextManager[Any]:
@@ -301,6 +308,21 @@ class SqliteStateStore(StateStore):
                 raise StoreUnavailable("state store cannot be opened") from exc
             self._local.conn = conn
         return conn
+
+    @contextmanager
+    def exclusive(self, name: str) -> Iterator[None]:
+        # flock on a file beside the database: every process on this host that opens the
+        # store takes the same lock; it is released when the file is closed, even on a crash.
+        lock_path = self.path.with_name(f"{self.path.name}.{name}.lock")
+        try:
+            handle = open(lock_path, "a+b")  # noqa: SIM115 (closed in finally)
+        except OSError as exc:
+            raise StoreUnavailable("state store lock cannot be opened") from exc
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+            yield
+        finally:
+            handle.close()
 
     @contextmanager
     def _tx(self, *, write: bool = False) -> Iterator[Cursor]:

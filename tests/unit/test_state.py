@@ -9,10 +9,12 @@ SQLite and on a real PostgreSQL server (``tests/postgres.py``), each in a fresh 
 from __future__ import annotations
 
 import functools
+import itertools
 import multiprocessing
 import os
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -740,3 +742,31 @@ def test_budget_charges_from_4_processes_at_once_never_overspend(
 
 def _charge_own_key(own: StateStore) -> bool:
     return _charge(own, f"answer-{os.getpid()}")
+
+
+# -- exclusive sections: one holder at a time across processes -------------------------------
+
+
+def _hold_exclusive(own: StateStore) -> tuple[int, int]:
+    with own.exclusive("test-section"):
+        entered = time.monotonic_ns()  # CLOCK_MONOTONIC: one clock for every process here
+        time.sleep(0.05)
+        return entered, time.monotonic_ns()
+
+
+def test_exclusive_sections_from_4_processes_never_overlap(
+    backend: BackendSpec, workers: Workers,
+) -> None:
+    open_store(backend)
+    spans = sorted(workers.race(_hold_exclusive, backend))
+    assert len(spans) == PROCESSES
+    for (_, left_end), (right_start, _) in itertools.pairwise(spans):
+        assert left_end <= right_start
+
+
+def test_an_exclusive_section_is_released_when_its_holder_fails(backend: BackendSpec) -> None:
+    state = open_store(backend)
+    with pytest.raises(RuntimeError), state.exclusive("test-section"):
+        raise RuntimeError("the work inside failed")
+    other = open_store(backend)
+    assert _hold_exclusive(other)[1] > 0  # would block forever if the lock were kept
