@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import platform
-import socket
 import statistics
 import subprocess
 import sys
@@ -33,6 +32,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench._serving import free_port, wait_ready  # noqa: E402
 from gateway.catalog import default_catalog  # noqa: E402
 from gateway.cli.clients import fetch_token  # noqa: E402
 from gateway.cli.demo import prepare_demo  # noqa: E402
@@ -72,24 +72,6 @@ QUERIES: dict[str, dict[str, Any]] = {
 }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _wait_ready(base_url: str, proc: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit("gateway exited during start-up")
-        try:
-            if httpx.get(base_url + "/readyz", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise SystemExit("gateway did not become ready")
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
@@ -135,7 +117,7 @@ def main() -> None:
         plot(json.loads(args.replot.read_text()), args.replot.with_suffix(".png"))
         return
 
-    port = _free_port()
+    port = free_port()
     started = time.perf_counter()
     credentials = prepare_demo(persons=args.persons, seed=args.seed, port=port,
                                workdir=args.workdir)
@@ -146,7 +128,7 @@ def main() -> None:
         [sys.executable, "-m", "gateway.cli.main", "serve", "--workdir", str(args.workdir),
          "--port", str(port)], env=env)
     try:
-        _wait_ready(base_url, proc)
+        wait_ready(base_url, proc)
         token = fetch_token(args.workdir / "credentials.json", "insurer")
         layout = StoreLayout(args.workdir / "store")
         version = layout.current_version()

@@ -27,7 +27,6 @@ import os
 import platform
 import secrets
 import shutil
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -43,6 +42,7 @@ import jwt
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench._serving import free_port  # noqa: E402
 from gateway.auth.keys import load_or_create_private_key, public_key_pem  # noqa: E402
 from gateway.auth.tokens import Principal  # noqa: E402
 from gateway.cli.clients import register_client  # noqa: E402
@@ -105,11 +105,6 @@ def say(message: str) -> None:
     _LOG.append(line)
     print(line, file=sys.stderr, flush=True)
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def prepare(workdir: Path, persons: int, seed: int, base_url: str) -> Settings:

@@ -34,7 +34,7 @@ from sqlglot import exp
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.aggregate_vs_duckdb import _free_port, _wait_ready  # noqa: E402
+from bench._serving import free_port, wait_ready  # noqa: E402
 from gateway.catalog import default_catalog  # noqa: E402
 from gateway.cli.clients import fetch_token  # noqa: E402
 from gateway.cli.demo import prepare_demo  # noqa: E402
@@ -135,7 +135,7 @@ def main() -> None:
         plot(json.loads(args.replot.read_text()), args.replot.with_suffix(".png"))
         return
 
-    port = _free_port()
+    port = free_port()
     started = time.perf_counter()
     credentials = prepare_demo(persons=args.persons, seed=args.seed, port=port,
                                workdir=args.workdir)
@@ -147,7 +147,7 @@ def main() -> None:
          "--port", str(port)], env=env)
     results: list[dict[str, Any]] = []
     try:
-        _wait_ready(base_url, proc)
+        wait_ready(base_url, proc)
         token = fetch_token(args.workdir / "credentials.json", "insurer")
         layout = StoreLayout(args.workdir / "store")
         version = layout.current_version()

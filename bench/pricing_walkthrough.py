@@ -24,7 +24,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.aggregate_vs_duckdb import _free_port, _wait_ready  # noqa: E402
+from bench._serving import free_port, wait_ready  # noqa: E402
 from gateway.cli.clients import fetch_token  # noqa: E402
 from gateway.cli.demo import prepare_demo  # noqa: E402
 
@@ -105,7 +105,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--workdir", type=Path, default=ROOT / "bench" / "out" / "walkthrough")
     args = parser.parse_args()
-    port = _free_port()
+    port = free_port()
     credentials = prepare_demo(persons=args.persons, seed=args.seed, port=port,
                                workdir=args.workdir)
     proc = subprocess.Popen(
@@ -113,7 +113,7 @@ def main() -> None:
          "--port", str(port)], env={**os.environ, "GATEWAY_WORKDIR": str(args.workdir)})
     calls: list[dict[str, Any]] = []
     try:
-        _wait_ready(credentials["base_url"], proc)
+        wait_ready(credentials["base_url"], proc)
         token = fetch_token(args.workdir / "credentials.json", "insurer")
         with httpx.Client(base_url=credentials["base_url"], timeout=300,
                           headers={"Authorization": f"Bearer {token}"}) as client:

@@ -30,7 +30,6 @@ import platform
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -46,6 +45,8 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench._serving import free_port  # noqa: E402
+
 OUT = ROOT / "bench" / "out"
 WORKDIR = OUT / "topology"
 QUERY = {"purpose": "hmb_pricing", "dataset": "settlements", "dimensions": ["gend"],
@@ -58,12 +59,6 @@ ENROLLMENT_TYPES = ["enrollment.status", "enrollment.insutype", "enrollment.admd
 def say(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 # -- the load process ---------------------------------------------------------------------------
