@@ -179,6 +179,9 @@ class AuditLog(ABC):
         # The last checkpoint signed (by any process, read from the store) and when this process
         # last signed or read it. Never an inconsistent one, never a smaller one.
         self._checkpoint_lock = threading.Lock()
+        # Proofs are short, CPU-bound Python: threads building them at once only trade the
+        # GIL back and forth (4 threads served 40 % fewer than one), so they take turns.
+        self._proof_lock = threading.Lock()
         self._last_checkpoint: tuple[StoredCheckpoint, float] | None = None
         self._close_lock = threading.Lock()
         self._closed = False
@@ -490,14 +493,16 @@ class AuditLog(ABC):
         size = self._tree_size("tree_size", size, self.size())
         if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < size:
             raise BadRequest(f"index {index!r}, want 0 <= index < tree_size {size}")
-        return merkle.inclusion_with_root(index, size, _StoreNodes(self))
+        with self._proof_lock:
+            return merkle.inclusion_with_root(index, size, _StoreNodes(self))
 
     def consistency_proof(self, first: int, second: int) -> list[bytes]:
         """The RFC 6962 consistency proof (32-byte hashes) that the tree of ``second`` entries
         extends the tree of ``first`` entries."""
         second = self._tree_size("second", second, self.size())
         first = self._tree_size("first", first, second)
-        return merkle.consistency_proof(first, second, _StoreNodes(self))
+        with self._proof_lock:
+            return merkle.consistency_proof(first, second, _StoreNodes(self))
 
     def leaf_hash(self, index: int) -> bytes:
         """The stored leaf hash of entry ``index``; :class:`NotFound` if there is none."""
