@@ -30,6 +30,7 @@ from gateway.audit._sql import SqlAuditLog
 from gateway.audit.entry import GENESIS
 from gateway.audit.log import BuildRows, SearchFilter, StoredRow
 from gateway.errors import AuditIntegrityError, AuditUnavailable
+from gateway.sqlite_wal import enable_wal
 
 __all__ = ["SqliteAuditLog"]
 
@@ -246,7 +247,7 @@ class SqliteAuditLog(SqlAuditLog):
             check_same_thread=False,
         )
         try:
-            conn.execute("PRAGMA journal_mode=WAL")
+            enable_wal(conn)
             conn.execute("PRAGMA synchronous=FULL")
             if read_only:
                 conn.execute("PRAGMA query_only=ON")

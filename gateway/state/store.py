@@ -35,6 +35,7 @@ from gateway.errors import (
     StoreUnavailable,
     ValidationFailed,
 )
+from gateway.sqlite_wal import enable_wal
 from gateway.state.budgets import DisclosureStatements
 from gateway.state.consents import (
     ConsentStatements,
@@ -301,7 +302,7 @@ class SqliteStateStore(StateStore):
         if conn is None:
             try:
                 conn = sqlite3.connect(self.path, timeout=5.0, isolation_level=None)
-                conn.execute("PRAGMA journal_mode=WAL")
+                enable_wal(conn)
                 conn.execute("PRAGMA synchronous=FULL")
                 conn.execute("PRAGMA busy_timeout=5000")
             except sqlite3.Error as exc:
