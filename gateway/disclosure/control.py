@@ -18,7 +18,8 @@ import hashlib
 import json
 import secrets
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
@@ -257,30 +258,67 @@ class DisclosureControl:
             result = self._round(result, compiled, n_dims, options.rounding)
             gone = _withheld_rows(result, len(compiled.measures))
             released_rows = [r for r in range(len(result.rows)) if r not in gone]
-            release_id = "rel-" + secrets.token_hex(8)
-            now_ns = int(self.clock() * 1e9)
-            # Boxes already remembered (a repeated question) cost no write.
-            known = self._known(data_version, query.dataset) if options.difference_k >= 2 \
-                else None
-            remembered = [(boxes[r], persons[r]) for r in released_rows
-                          if known is None or boxes[r] not in known.index]
-            if remembered:
-                self.state.record_released(
-                    data_version, query.dataset,
-                    [(box_key(query.dataset, b), [[d, list(vs)] for d, vs in b], n)
-                     for b, n in remembered],
-                    org=org, release_id=release_id, now_ns=now_ns)
-            implied = [x for r in released_rows for x in derived.get(r, [])]
-            if implied:
-                self.state.record_released(
-                    data_version, query.dataset,
-                    [(box_key(query.dataset, b), [[d, list(vs)] for d, vs in b], n)
-                     for b, n in implied],
-                    org=org, release_id=release_id + "~derived", now_ns=now_ns)
+            release_id = self._remember(query.dataset, data_version, boxes, persons,
+                                        released_rows, derived, org=org,
+                                        difference_k=options.difference_k)
         report["release_id"] = release_id
         result = shape(result, having=query.having, order_by=query.order_by,
                        limit=query.limit, column_of=compiled.column_of, hidden=compiled.hidden)
         return Released(result, data_version, report, spent)
+
+    def _remember(self, dataset_name: str, data_version: str, boxes: Sequence[Box],
+                  persons: Sequence[int], released_rows: Sequence[int],
+                  derived: Mapping[int, list[tuple[Box, int]]], *, org: str | None,
+                  difference_k: int) -> str:
+        """Record what the released rows covered (and the boxes they let one derive); the
+        caller holds the release section. Returns the release id."""
+        release_id = "rel-" + secrets.token_hex(8)
+        now_ns = int(self.clock() * 1e9)
+        # Boxes already remembered (a repeated question) cost no write.
+        known = self._known(data_version, dataset_name) if difference_k >= 2 else None
+        remembered = [(boxes[r], persons[r]) for r in released_rows
+                      if known is None or boxes[r] not in known.index]
+        if remembered:
+            self.state.record_released(
+                data_version, dataset_name,
+                [(box_key(dataset_name, b), [[d, list(vs)] for d, vs in b], n)
+                 for b, n in remembered],
+                org=org, release_id=release_id, now_ns=now_ns)
+        implied = [x for r in released_rows for x in derived.get(r, [])]
+        if implied:
+            self.state.record_released(
+                data_version, dataset_name,
+                [(box_key(dataset_name, b), [[d, list(vs)] for d, vs in b], n)
+                 for b, n in implied],
+                org=org, release_id=release_id + "~derived", now_ns=now_ns)
+        return release_id
+
+    @contextmanager
+    def cell_release(
+        self, dataset_name: str, filters: Mapping[str, Sequence[Any]],
+        cells: Sequence[tuple[Sequence[str], tuple[Any, ...]]], persons: Sequence[int],
+        data_version: str, obligations: Obligations, *, org: str | None,
+    ) -> Iterator[CellRelease]:
+        """The difference check for results computed outside :meth:`release` (pricing), one
+        row per ``(dimensions, key)`` (a margin has fewer dimensions): the rows to withhold,
+        then ``remember(released_rows)``, all inside the release section."""
+        options = DisclosureOptions.from_obligations(obligations)
+        dataset = self.catalog.dataset(dataset_name)
+        if dataset is None:
+            raise QueryRejected(f"unknown dataset {dataset_name}")
+        domains = self._domains(data_version, dataset_name, dataset)
+        boxes = [normalize(box_of_cell(filters, dims, key), domains) for dims, key in cells]
+        with self._check_lock, self.state.exclusive("disclosure-releases"):
+            withheld, derived = self._difference_check(
+                dataset_name, dataset, boxes, persons, data_version,
+                k=options.difference_k, min_cell_size=obligations.min_cell_size, org=org)
+
+            def remember(released_rows: Sequence[int]) -> str:
+                return self._remember(dataset_name, data_version, boxes, persons,
+                                      released_rows, derived, org=org,
+                                      difference_k=options.difference_k)
+
+            yield CellRelease(withheld=withheld, remember=remember)
 
     # -- step 2 ---------------------------------------------------------------------------
     def _domains(self, data_version: str, dataset_name: str, dataset: Any) -> Domains:
@@ -567,6 +605,14 @@ class DisclosureControl:
                     row[c] = round_count(int(row[c]), step)
         return replace(result, rows=rows,
                        notes=[*result.notes, f"counts rounded to multiples of {step}"])
+
+
+@dataclass(frozen=True)
+class CellRelease:
+    """Rows to withhold (row → reason, explanation) and how to record what was released."""
+
+    withheld: dict[int, tuple[str, str | None]]
+    remember: Callable[[Sequence[int]], str]
 
 
 @dataclass

@@ -11,7 +11,7 @@ control on every figure, one audit entry (``pricing.simulate``) whatever the out
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from decimal import Decimal
 from typing import Any
 
@@ -88,17 +88,19 @@ def _release(
     points: Sequence[float],
     min_cell_size: int,
     rules: tuple[Decimal, Decimal],
+    withheld: str | None = None,
 ) -> tuple[dict[str, Any], str | None, CellSummary | None]:
     """The released figures of one cell, its suppression reason, and the summary safe to check
-    limits against (None when the payout figures are withheld)."""
-    if f.count("persons", r) < min_cell_size:
+    limits against (None when the payout figures are withheld). ``withheld`` names a reason
+    found before (the difference check) that withholds every figure, as primary does."""
+    if withheld is not None or f.count("persons", r) < min_cell_size:
         figures: dict[str, Any] = {
             "person_years": None, "exposure": None, "claimants": None, "claim_frequency": None,
             "pure_premium": None, "mean_payout_per_claimant": None, "total_payout": None,
             "tail": [{"attachment": a, "share": None} for a in points],
             "implied_premium": None, "expected_loss_ratio": None,
         }
-        return figures, "primary", None
+        return figures, withheld or "primary", None
     figures = {
         "person_years": summary.person_years,
         "exposure": _money(summary.exposure),
@@ -140,6 +142,10 @@ def _release(
     return figures, None, summary
 
 
+# Reasons that withhold every figure of a cell, its person count included.
+_ALL_WITHHELD = frozenset({"primary", "difference"})
+
+
 def _protect_complements(
     cells_json: list[dict[str, Any]],
     reasons: list[str | None],
@@ -154,7 +160,7 @@ def _protect_complements(
     ``overall`` figures, or a coarser request). Extra cells get reason ``secondary``."""
     if len(cells_json) < 2 or all(r is None for r in reasons):
         return
-    all_hidden = {i for i, r in enumerate(reasons) if r == "primary"}
+    all_hidden = {i for i, r in enumerate(reasons) if r in _ALL_WITHHELD}
     pay_hidden = {i for i, r in enumerate(reasons) if r is not None}
     extra_all: frozenset[int] = frozenset()
     if all_hidden:
@@ -173,7 +179,7 @@ def _protect_complements(
         else:
             continue  # its payout figures are already withheld
         cells_json[i]["tail"] = [{"attachment": a, "share": None} for a in points]
-        if reasons[i] != "primary":
+        if reasons[i] not in _ALL_WITHHELD:
             cells_json[i]["suppressed"] = reasons[i] = "secondary"
 
 
@@ -189,6 +195,55 @@ def _limits(product: Product, overall: CellSummary | None,
                              else _money(c.figure)})
         for c in checks
     ]
+
+
+def _price_products(
+    request: PricingRequest, figures: _Figures, keys: Sequence[tuple[Any, ...]],
+    cell_rows: Sequence[int], overall_row: int, table: Table, points: Sequence[float],
+    min_cell_size: int, rules: tuple[Decimal, Decimal],
+    withheld: Mapping[int, tuple[str, str | None]],
+) -> tuple[list[dict[str, Any]], int, int]:
+    """Each product's released cells, overall figures and limit checks; ``withheld`` holds
+    the rows the difference check refused (the overall row is ``len(cell_rows)``)."""
+    products_json: list[dict[str, Any]] = []
+    released = suppressed = 0
+    overall_withheld = withheld.get(len(cell_rows))
+    for j, product in enumerate(request.products):
+        cells_json = []
+        reasons: list[str | None] = []
+        for i, (key, r) in enumerate(zip(keys, cell_rows, strict=True)):
+            summary = _summary(figures, r, j, points, product)
+            refused = withheld.get(i)
+            shown, reason, _ = _release(summary, figures, r, j, points, min_cell_size,
+                                        rules, refused[0] if refused else None)
+            cells_json.append({**dict(zip(request.dimensions, key, strict=True)),
+                               **shown, "suppressed": reason})
+            reasons.append(reason)
+        _protect_complements(
+            cells_json, reasons, table,
+            [figures.amount("exposure", r) for r in cell_rows],
+            [figures.amount(f"total_{j}", r) for r in cell_rows], points, min_cell_size)
+        for reason in reasons:
+            if reason is None:
+                released += 1
+            else:
+                suppressed += 1
+        total = _summary(figures, overall_row, j, points, product)
+        overall, overall_reason, safe = _release(
+            total, figures, overall_row, j, points, min_cell_size, rules,
+            overall_withheld[0] if overall_withheld else None)
+        checks = _limits(product, safe, total)
+        products_json.append({
+            "name": product.name,
+            "tier": product.tier,
+            "premium": product.premium,
+            "target_loss_ratio": product.target_loss_ratio,
+            "cells": cells_json,
+            "overall": {**overall, "suppressed": overall_reason},
+            "limits": [c.model_dump(mode="json") for c in checks],
+            "limits_passed": all_binding_passed(checks),
+        })
+    return products_json, released, suppressed
 
 
 def simulate(gateway: Gateway, principal: Principal, request: PricingRequest) -> Audited:
@@ -240,39 +295,22 @@ def simulate(gateway: Gateway, principal: Principal, request: PricingRequest) ->
         rules = gateway.magnitude_rules(common.get("grant_id"))
         products_json: list[dict[str, Any]] = []
         released = suppressed = 0
-        for j, product in enumerate(request.products):
-            cells_json = []
-            reasons: list[str | None] = []
-            for key, r in zip(keys, cell_rows, strict=True):
-                summary = _summary(figures, r, j, points, product)
-                shown, reason, _ = _release(summary, figures, r, j, points, min_cell_size,
-                                            rules)
-                cells_json.append({**dict(zip(request.dimensions, key, strict=True)),
-                                   **shown, "suppressed": reason})
-                reasons.append(reason)
-            _protect_complements(
-                cells_json, reasons, table,
-                [figures.amount("exposure", r) for r in cell_rows],
-                [figures.amount(f"total_{j}", r) for r in cell_rows], points, min_cell_size)
-            for reason in reasons:
-                if reason is None:
-                    released += 1
-                else:
-                    suppressed += 1
-            total = _summary(figures, overall_row, j, points, product)
-            overall, overall_reason, safe = _release(total, figures, overall_row, j, points,
-                                                     min_cell_size, rules)
-            checks = _limits(product, safe, total)
-            products_json.append({
-                "name": product.name,
-                "tier": product.tier,
-                "premium": product.premium,
-                "target_loss_ratio": product.target_loss_ratio,
-                "cells": cells_json,
-                "overall": {**overall, "suppressed": overall_reason},
-                "limits": [c.model_dump(mode="json") for c in checks],
-                "limits_passed": all_binding_passed(checks),
-            })
+        # The difference check across requests, as for aggregates: every cell and the overall
+        # row (a margin over the request's filters) against what was released before.
+        checked = [(tuple(request.dimensions), key) for key in keys] + [((), ())]
+        with gateway.disclosure.cell_release(
+            DATASET, filters, checked,
+            [figures.count("persons", r) for r in [*cell_rows, overall_row]],
+            data_version, obligations, org=principal.org,
+        ) as check:
+            products_json, released, suppressed = _price_products(
+                request, figures, keys, cell_rows, overall_row, table, points, min_cell_size,
+                rules, check.withheld)
+            shown_rows = {i for p in products_json for i, c in enumerate(p["cells"])
+                          if c["suppressed"] not in _ALL_WITHHELD | {"secondary"}}
+            if products_json and products_json[0]["overall"]["suppressed"] not in _ALL_WITHHELD:
+                shown_rows.add(len(cell_rows))
+            check.remember(sorted(shown_rows))
     except GatewayError as exc:
         gateway.record(principal, ACTION, status=exc.status, decision="error",
                        error_code=exc.code, reasons=[exc.message], **common)

@@ -316,3 +316,39 @@ def test_a_withheld_payout_is_not_the_overall_minus_the_released_cells(env: Env)
     withheld = [c for c in cells if c["total_payout"] is None]
     # One line (all age bands) with a known total: never exactly one withheld payout.
     assert len(withheld) != 1
+
+
+# -- the difference check across requests, as for aggregates ----------------------------------
+
+
+def test_a_pricing_tracker_one_small_group_apart_is_refused(env: Env,
+                                                            loaded_store: LoadedStore) -> None:
+    # Two overall figures whose persons differ by one small age band of one county and year:
+    # the second answer minus the first would be that band's payout.
+    small = sorted((n, county, band) for county, band, n in _direct(loaded_store, """
+        SELECT insu_admdvs, age_band, COUNT(DISTINCT psn_id) FROM person_years
+        WHERE year = 2024 GROUP BY insu_admdvs, age_band""") if 1 <= n < MIN)
+    found = [(county, band, n) for n, county, band in small[:1]]
+    assert found, "the test city has a small age band in some county"
+    county, band, n = found[0]
+    bands = sorted({b for c, b in _direct(loaded_store, """
+        SELECT DISTINCT insu_admdvs, age_band FROM person_years WHERE year = 2024""")
+                    if c == county})
+    low = {**BASIC, "name": "低起付线", "deductible": 500}  # many claimants: figures released
+    wide = {"products": [low], "filters": {"year": [2024], "insu_admdvs": [county]}}
+    narrow = {"products": [low], "filters": {
+        "year": [2024], "insu_admdvs": [county], "age_band": [b for b in bands if b != band]}}
+
+    first = _post(env, wide)
+    assert first.status_code == 200
+    assert first.json()["products"][0]["overall"]["person_years"] is not None
+    second = _post(env, narrow)
+    assert second.status_code == 200
+    overall = second.json()["products"][0]["overall"]
+    # What the attacker learned: nothing of the small band (n persons) — no second total.
+    assert overall["suppressed"] == "difference", (n, overall)
+    assert overall["total_payout"] is None
+    assert overall["person_years"] is None
+    # Asking again gives the same answer (the check is deterministic).
+    again = _post(env, narrow)
+    assert again.json()["products"][0]["overall"]["suppressed"] == "difference"
