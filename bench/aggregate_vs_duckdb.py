@@ -19,9 +19,7 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 from typing import Any
@@ -32,10 +30,9 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench._serving import free_port, wait_ready  # noqa: E402
+from bench._serving import plot_side_by_side, running_demo  # noqa: E402
 from gateway.catalog import default_catalog  # noqa: E402
 from gateway.cli.clients import fetch_token  # noqa: E402
-from gateway.cli.demo import prepare_demo  # noqa: E402
 from gateway.query.compiler import compile_aggregate  # noqa: E402
 from gateway.query.spec import AggregateQuery  # noqa: E402
 from gateway.query.store import StoreLayout  # noqa: E402
@@ -75,34 +72,11 @@ QUERIES: dict[str, dict[str, Any]] = {
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
-    """Bar chart of the medians, DuckDB direct beside the gateway, log scale."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no chart (pip install -e '.[bench]')", file=sys.stderr)
-        return
-    results = report["results"]
-    fig, ax = plt.subplots(figsize=(9, 4))
-    names = ["\n".join(textwrap.wrap(r["query"], 22)) for r in results]
-    xs = range(len(results))
-    ax.bar([x - 0.2 for x in xs], [r["duckdb_ms"] for r in results], 0.4,
-           label="plain SQL on DuckDB, same released figures")
-    ax.bar([x + 0.2 for x in xs], [r["http_ms"] for r in results], 0.4,
-           label="gateway over HTTP (policy, suppression, durable audit)")
-    for x, r in zip(xs, results, strict=True):
-        ax.annotate(f"{r['ratio']:.2f}x", (x + 0.2, r["http_ms"]), ha="center", va="bottom",
-                    fontsize=7)
-    ax.set_xticks(list(xs), names, fontsize=6)
-    ax.set_ylabel("median ms (log)")
-    ax.set_yscale("log")
-    ax.set_title(f"Aggregate queries on {report['persons']:,} persons ({report['machine']})",
-                 fontsize=9)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    plot_side_by_side(
+        report["results"], path, name_key="query", log_scale=True,
+        duckdb_label="plain SQL on DuckDB, same released figures",
+        http_label="gateway over HTTP (policy, suppression, durable audit)",
+        title=f"Aggregate queries on {report['persons']:,} persons ({report['machine']})")
 
 
 def main() -> None:
@@ -117,18 +91,8 @@ def main() -> None:
         plot(json.loads(args.replot.read_text()), args.replot.with_suffix(".png"))
         return
 
-    port = free_port()
-    started = time.perf_counter()
-    credentials = prepare_demo(persons=args.persons, seed=args.seed, port=port,
-                               workdir=args.workdir)
-    setup_s = time.perf_counter() - started
-    base_url = credentials["base_url"]
-    env = {**os.environ, "GATEWAY_WORKDIR": str(args.workdir)}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "gateway.cli.main", "serve", "--workdir", str(args.workdir),
-         "--port", str(port)], env=env)
-    try:
-        wait_ready(base_url, proc)
+    with running_demo(args.workdir, args.persons, args.seed) as (credentials, setup_s):
+        base_url = credentials["base_url"]
         token = fetch_token(args.workdir / "credentials.json", "insurer")
         layout = StoreLayout(args.workdir / "store")
         version = layout.current_version()
@@ -183,9 +147,6 @@ def main() -> None:
                     "rows": len(response.json()["rows"]),
                     "suppressed": response.json()["suppressed_count"],
                 })
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
 
     out = ROOT / "bench" / "out"
     out.mkdir(parents=True, exist_ok=True)

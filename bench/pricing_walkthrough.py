@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -24,9 +22,8 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench._serving import free_port, wait_ready  # noqa: E402
+from bench._serving import running_demo  # noqa: E402
 from gateway.cli.clients import fetch_token  # noqa: E402
-from gateway.cli.demo import prepare_demo  # noqa: E402
 
 BASIC = {"name": "基础版", "deductible": 15_000, "ratio_in_list": 0.8, "ratio_out_of_list": 0.5,
          "cap": 3_000_000, "premium": 99}
@@ -105,15 +102,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--workdir", type=Path, default=ROOT / "bench" / "out" / "walkthrough")
     args = parser.parse_args()
-    port = free_port()
-    credentials = prepare_demo(persons=args.persons, seed=args.seed, port=port,
-                               workdir=args.workdir)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "gateway.cli.main", "serve", "--workdir", str(args.workdir),
-         "--port", str(port)], env={**os.environ, "GATEWAY_WORKDIR": str(args.workdir)})
     calls: list[dict[str, Any]] = []
-    try:
-        wait_ready(credentials["base_url"], proc)
+    with running_demo(args.workdir, args.persons, args.seed) as (credentials, _):
         token = fetch_token(args.workdir / "credentials.json", "insurer")
         with httpx.Client(base_url=credentials["base_url"], timeout=300,
                           headers={"Authorization": f"Bearer {token}"}) as client:
@@ -129,9 +119,6 @@ def main() -> None:
                               "response": response.json()})
                 if response.status_code != 200:
                     raise SystemExit(f"{path}: HTTP {response.status_code} {response.text}")
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
     out = ROOT / "bench" / "out"
     out.mkdir(parents=True, exist_ok=True)
     record = {"persons": args.persons, "seed": args.seed, "calls": calls}
