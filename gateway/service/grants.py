@@ -208,25 +208,30 @@ def grant_to_json(grant: GrantRecord, now_ns: int) -> dict[str, Any]:
 _DISCLOSURE_OPTIONS = ("difference_k", "rounding", "noise", "budget")
 
 
+def catalog_document(catalog: Catalog) -> dict[str, Any]:
+    """The catalog as the policy sees it (``data.gateway.catalog``)."""
+    return {
+        "datasets": {
+            name: {"dimensions": sorted(ds.dimensions), "measures": sorted(ds.measures)}
+            for name, ds in catalog.datasets.items()
+        },
+        "purposes": {
+            name: {"necessary_fields": sorted(p.necessary_fields)}
+            for name, p in catalog.purposes.items()
+        },
+        "defaults": {
+            "min_cell_size": catalog.defaults.min_cell_size,
+            "min_cell_size_floor": catalog.defaults.min_cell_size_floor,
+            "max_rows": catalog.defaults.max_rows,
+        },
+    }
+
+
 def policy_data(catalog: Catalog, grants: Iterable[GrantRecord]) -> dict[str, Any]:
     """The whole data document the policy evaluates against (see docs/policy.md)."""
     return {
         "gateway": {
-            "catalog": {
-                "datasets": {
-                    name: {"dimensions": sorted(ds.dimensions), "measures": sorted(ds.measures)}
-                    for name, ds in catalog.datasets.items()
-                },
-                "purposes": {
-                    name: {"necessary_fields": sorted(p.necessary_fields)}
-                    for name, p in catalog.purposes.items()
-                },
-                "defaults": {
-                    "min_cell_size": catalog.defaults.min_cell_size,
-                    "min_cell_size_floor": catalog.defaults.min_cell_size_floor,
-                    "max_rows": catalog.defaults.max_rows,
-                },
-            },
+            "catalog": catalog_document(catalog),
             "grants": {
                 g.grant_id: {
                     "grant_id": g.grant_id,

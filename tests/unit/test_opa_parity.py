@@ -30,6 +30,7 @@ from gateway.policy import (
     RegorusEngine,
     build_engine,
 )
+from gateway.service.grants import catalog_document as grants_catalog_document
 from tests.opa import BUILD_SCRIPT, OpaServer, free_port, opa_binary
 
 SEED = 20260501
@@ -54,22 +55,7 @@ def opa_server() -> Iterator[OpaServer]:
 
 
 def catalog_document() -> dict[str, Any]:
-    catalog = load_catalog()
-    return {
-        "datasets": {
-            name: {"dimensions": list(ds.dimensions), "measures": list(ds.measures)}
-            for name, ds in catalog.datasets.items()
-        },
-        "purposes": {
-            name: {"necessary_fields": list(p.necessary_fields)}
-            for name, p in catalog.purposes.items()
-        },
-        "defaults": {
-            "min_cell_size": catalog.defaults.min_cell_size,
-            "min_cell_size_floor": catalog.defaults.min_cell_size_floor,
-            "max_rows": catalog.defaults.max_rows,
-        },
-    }
+    return grants_catalog_document(load_catalog())
 
 
 CATALOG = catalog_document()

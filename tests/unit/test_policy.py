@@ -29,6 +29,7 @@ from gateway.policy import (
     register_engine,
     with_grant_index,
 )
+from gateway.service.grants import catalog_document as grants_catalog_document
 
 MODES = ("compiled", "interpreter")
 T0 = 1_763_800_000_000_000_000
@@ -39,22 +40,7 @@ DENY = '{"allow": false, "reasons": ["no"], "grant_id": null, "obligations": nul
 
 
 def catalog_document() -> dict[str, Any]:
-    catalog = load_catalog()
-    return {
-        "datasets": {
-            name: {"dimensions": list(ds.dimensions), "measures": list(ds.measures)}
-            for name, ds in catalog.datasets.items()
-        },
-        "purposes": {
-            name: {"necessary_fields": list(p.necessary_fields)}
-            for name, p in catalog.purposes.items()
-        },
-        "defaults": {
-            "min_cell_size": catalog.defaults.min_cell_size,
-            "min_cell_size_floor": catalog.defaults.min_cell_size_floor,
-            "max_rows": catalog.defaults.max_rows,
-        },
-    }
+    return grants_catalog_document(load_catalog())
 
 
 def grant(grant_id: str = "g-1", **changes: Any) -> dict[str, Any]:
