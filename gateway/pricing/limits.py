@@ -57,66 +57,30 @@ class LimitCheck(BaseModel):
     binding: bool = True
 
 
-def _at_most(name: str, figure: float | None, limit: float, label: str, unit: str) -> LimitCheck:
-    if figure is None:
-        return LimitCheck(
-            name=name,
-            passed=False,
-            figure=None,
-            limit=limit,
-            message=f"{label}: no figure given, limit ≤ {limit:,.2f} {unit}",
-        )
-    ok = figure <= limit
-    verdict = "within" if ok else "exceeds"
-    return LimitCheck(
-        name=name,
-        passed=ok,
-        figure=figure,
-        limit=limit,
-        message=f"{label} {figure:,.2f} {unit} {verdict} the limit ≤ {limit:,.2f} {unit}",
-    )
-
-
-def _at_least_amount(name: str, figure: float, limit: float, label: str) -> LimitCheck:
-    ok = figure >= limit
-    verdict = "meets" if ok else "is below"
-    return LimitCheck(
-        name=name,
-        passed=ok,
-        figure=figure,
-        limit=limit,
-        message=f"{label} {figure:,.2f} 元 {verdict} the limit ≥ {limit:,.2f} 元",
-    )
-
-
-def _at_least_ratio(
+def _limit_check(
     name: str,
     figure: float | None,
     limit: float,
     label: str,
     *,
+    at_least: bool,
+    unit: str | None = None,
     binding: bool = True,
     tolerance: float = 0.0,
 ) -> LimitCheck:
+    """One limit: an amount in ``unit``, or a ratio (shown as a percentage) when no unit."""
+    sign = "≥" if at_least else "≤"
+    limit_text = f"{limit:.0%}" if unit is None else f"{limit:,.2f} {unit}"
     if figure is None:
-        return LimitCheck(
-            name=name,
-            passed=False,
-            figure=None,
-            limit=limit,
-            binding=binding,
-            message=f"{label}: no figure given, limit ≥ {limit:.0%}",
-        )
-    ok = figure >= limit - tolerance
-    verdict = "meets" if ok else "is below"
+        return LimitCheck(name=name, passed=False, figure=None, limit=limit, binding=binding,
+                          message=f"{label}: no figure given, limit {sign} {limit_text}")
+    ok = figure >= limit - tolerance if at_least else figure <= limit + tolerance
+    verdict = ("meets" if ok else "is below") if at_least else ("within" if ok else "exceeds")
+    figure_text = f"{figure:.2%}" if unit is None else f"{figure:,.2f} {unit}"
     note = "" if binding else " (information: the limit is applied to 目录内)"
     return LimitCheck(
-        name=name,
-        passed=ok,
-        figure=figure,
-        limit=limit,
-        binding=binding,
-        message=f"{label} {figure:.2%} {verdict} the limit ≥ {limit:.0%}{note}",
+        name=name, passed=ok, figure=figure, limit=limit, binding=binding,
+        message=f"{label} {figure_text} {verdict} the limit {sign} {limit_text}{note}",
     )
 
 
@@ -142,30 +106,18 @@ def check_limits(
     """
     price = premium if premium is not None else product.premium
     return [
-        _at_most("deductible", product.deductible, MAX_DEDUCTIBLE, "起付线", "元"),
-        _at_least_ratio("ratio_in_list", product.ratio_in_list, MIN_RATIO, "目录内报销比例"),
-        _at_least_ratio(
-            "ratio_out_of_list",
-            product.ratio_out_of_list,
-            MIN_RATIO,
-            "目录外报销比例",
-            binding=False,
-        ),
-        _at_least_amount("cap", product.cap, MIN_CAP, "封顶线"),
-        _at_most(
-            "premium",
-            price,
-            MAX_PREMIUM[product.tier],
-            "基础保障保费" if product.tier == "basic" else "升级保障保费",
-            "元",
-        ),
-        _at_least_ratio(
-            "loss_ratio",
-            expected_loss_ratio,
-            MIN_LOSS_RATIO,
-            "预期满期赔付率",
-            tolerance=_COMPUTED_RATIO_TOLERANCE,
-        ),
+        _limit_check("deductible", product.deductible, MAX_DEDUCTIBLE, "起付线",
+                     at_least=False, unit="元"),
+        _limit_check("ratio_in_list", product.ratio_in_list, MIN_RATIO, "目录内报销比例",
+                     at_least=True),
+        _limit_check("ratio_out_of_list", product.ratio_out_of_list, MIN_RATIO,
+                     "目录外报销比例", at_least=True, binding=False),
+        _limit_check("cap", product.cap, MIN_CAP, "封顶线", at_least=True, unit="元"),
+        _limit_check("premium", price, MAX_PREMIUM[product.tier],
+                     "基础保障保费" if product.tier == "basic" else "升级保障保费",
+                     at_least=False, unit="元"),
+        _limit_check("loss_ratio", expected_loss_ratio, MIN_LOSS_RATIO, "预期满期赔付率",
+                     at_least=True, tolerance=_COMPUTED_RATIO_TOLERANCE),
     ]
 
 
