@@ -30,7 +30,7 @@ from gateway.audit._sql import SqlAuditLog
 from gateway.audit.entry import GENESIS
 from gateway.audit.log import BuildRows, SearchFilter, StoredRow
 from gateway.errors import AuditIntegrityError, AuditUnavailable
-from gateway.sqlite_wal import enable_wal
+from gateway.sqlite_wal import WriteTurn, enable_wal
 
 __all__ = ["SqliteAuditLog"]
 
@@ -215,6 +215,7 @@ class SqliteAuditLog(SqlAuditLog):
         if self._path == "" or self._path.startswith((":memory:", "file:")):
             raise ValueError("SqliteAuditLog needs a file path; every connection must see it")
         self._busy_timeout = busy_timeout
+        self._write_turn = WriteTurn(self._path, timeout_s=busy_timeout)
         self._pool_lock = threading.Lock()
         self._idle_readers: list[sqlite3.Connection] = []
         self._all_readers: list[sqlite3.Connection] = []
@@ -303,6 +304,10 @@ class SqliteAuditLog(SqlAuditLog):
         if self._writer is None:  # dropped after an earlier failure: start afresh
             self._writer = self._connect()
         conn = self._writer
+        with self._write_turn.held():
+            self._append_in_turn(conn, build)
+
+    def _append_in_turn(self, conn: sqlite3.Connection, build: BuildRows) -> None:
         try:
             conn.execute("BEGIN IMMEDIATE")
             row = conn.execute(_TAIL).fetchone()
@@ -424,13 +429,14 @@ class SqliteAuditLog(SqlAuditLog):
                 if self._admin is None:
                     self._admin = self._connect()
                 conn = self._admin
-                conn.execute("BEGIN IMMEDIATE")
-                try:
-                    yield conn
-                    conn.execute("COMMIT")
-                finally:
-                    if conn.in_transaction:
-                        conn.execute("ROLLBACK")
+                with self._write_turn.held():
+                    conn.execute("BEGIN IMMEDIATE")
+                    try:
+                        yield conn
+                        conn.execute("COMMIT")
+                    finally:
+                        if conn.in_transaction:
+                            conn.execute("ROLLBACK")
             except sqlite3.Error as exc:
                 raise AuditUnavailable(f"audit store cannot be written: {exc}") from exc
 
@@ -449,6 +455,7 @@ class SqliteAuditLog(SqlAuditLog):
                 self._writer.execute("PRAGMA optimize")
             self._writer.close()
             self._writer = None
+        self._write_turn.close()
 
 
 def _select_nodes(conn: sqlite3.Connection, ids: Sequence[merkle.NodeID]) -> list[bytes]:

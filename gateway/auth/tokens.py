@@ -37,6 +37,7 @@ _MAX_ASSERTION_LIFETIME_S = 300
 _LEEWAY_S = 30
 _FORBIDDEN_HEADERS = ("jku", "x5u", "jwk", "x5c", "crit")
 _ROLES = ("admin", "insurer", "auditor", "subject")
+_MAX_REMEMBERED_TOKENS = 4096
 
 
 @dataclass(frozen=True)
@@ -99,6 +100,8 @@ class AccessTokenIssuer:
         self.state = state
         self.ttl_s = ttl_s
         self.clock = clock
+        # token -> (its caller, when it stops being accepted): see verify().
+        self._verified: dict[str, tuple[Principal, float]] = {}
 
     # -- token endpoint ----------------------------------------------------------------
     def exchange(self, *, grant_type: str, assertion_type: str, assertion: str) -> dict[str, Any]:
@@ -178,6 +181,32 @@ class AccessTokenIssuer:
         return jwt.encode(claims, self._key, algorithm="EdDSA", headers={"typ": ACCESS_TOKEN_TYP})
 
     def verify(self, token: str) -> Principal:
+        """The caller an access token names, or :class:`AuthenticationFailed`.
+
+        A token verified once is remembered until it expires (its exact characters are the
+        key: the same bytes verify the same way), so a client's later requests skip the
+        signature check; every check of time still happens on every request."""
+        hit = self._verified.get(token)
+        now = time.time()  # what PyJWT checks exp against on the first verification
+        if hit is not None:
+            principal, usable_until = hit
+            if now < usable_until:
+                return principal
+            self._verified.pop(token, None)
+        principal, usable_until = self._verify_signed(token)
+        if len(self._verified) >= _MAX_REMEMBERED_TOKENS:
+            self._forget_expired(now)
+        self._verified[token] = (principal, usable_until)
+        return principal
+
+    def _forget_expired(self, now: float) -> None:
+        for key, (_, until) in list(self._verified.items()):
+            if until <= now:
+                self._verified.pop(key, None)
+        while len(self._verified) >= _MAX_REMEMBERED_TOKENS:  # oldest first
+            self._verified.pop(next(iter(self._verified)), None)
+
+    def _verify_signed(self, token: str) -> tuple[Principal, float]:
         header = _unverified_header(token)
         if header.get("typ") != ACCESS_TOKEN_TYP:
             raise AuthenticationFailed("not an access token")
@@ -201,9 +230,11 @@ class AccessTokenIssuer:
         if role not in _ROLES or claims["client_id"] != claims["sub"]:
             raise AuthenticationFailed("invalid access token")
         org = claims.get("org")
-        return Principal(
+        principal = Principal(
             client_id=str(claims["client_id"]),
             role=str(role),
             org=str(org) if org is not None else None,
             token_id=str(claims["jti"]),
         )
+        # PyJWT accepts the token while now < exp + leeway.
+        return principal, float(claims["exp"]) + _LEEWAY_S

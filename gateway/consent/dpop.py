@@ -15,6 +15,7 @@ spends a ``jti``). The caller's ``seen_jti`` must remember each ``jti`` for at l
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import re
@@ -95,6 +96,15 @@ def _public_jwk(alg: str, jwk: object) -> dict[str, Any]:
     return jwk
 
 
+@functools.lru_cache(maxsize=1024)
+def _proof_key(alg: str, coordinates: tuple[str, ...]) -> PyJWK:
+    """The public key of a checked jwk (an insurer signs every proof with the same key, and
+    loading it costs more than the signature check)."""
+    kty, crv, names = DPOP_ALGS[alg]
+    return PyJWK({"kty": kty, "crv": crv, **dict(zip(names, coordinates, strict=True))},
+                 algorithm=alg)
+
+
 def verify_dpop_proof(
     proof: object,
     *,
@@ -125,8 +135,9 @@ def verify_dpop_proof(
     if not isinstance(alg, str) or alg not in DPOP_ALGS:
         _fail("bad_alg", f"header alg must be one of {sorted(DPOP_ALGS)}")
     jwk = _public_jwk(alg, header.get("jwk"))
+    coordinates = tuple(jwk[name] for name in DPOP_ALGS[alg][2])
     try:
-        key = PyJWK(jwk, algorithm=alg)
+        key = _proof_key(alg, coordinates)
     except PyJWKError:
         _fail("bad_jwk", "header jwk is not a valid public key")
     if len(jws.signature) != _SIGNATURE_BYTES or not key.Algorithm.verify(

@@ -65,6 +65,8 @@ class PolicyEngine(Protocol):
     """What the gateway needs from a policy engine (embedded regorus, an OPA server)."""
 
     name: str
+    # True when decide() only computes (no I/O): a caller on an event loop may call it inline.
+    in_process: bool
 
     @property
     def version(self) -> str:
@@ -269,6 +271,7 @@ class RegorusEngine:
     """
 
     name: str = "regorus"
+    in_process: bool = True
 
     def __init__(
         self,

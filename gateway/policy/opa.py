@@ -127,6 +127,7 @@ class OpaServerEngine:
     """
 
     name: str = "opa"
+    in_process: bool = False  # an HTTP round trip per decision
 
     def __init__(
         self,

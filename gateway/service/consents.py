@@ -8,8 +8,10 @@ policy, state and audit. See ``docs/consent.md`` ("Endpoints as built").
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta, timezone
 from decimal import Decimal
@@ -156,65 +158,73 @@ def new_consent_key(keys_dir: Path) -> tuple[str, dict[str, str], str]:
     return kid, jwk, f"file:{ROTATED_KEYS_DIR}/{kid}.pem"
 
 
-@dataclass
-class _Pending:
-    item: ReplaySpend
-    now_ns: int
-    done: threading.Event = field(default_factory=threading.Event)
-    lead: bool = False
-    result: tuple[bool, bool] | None = None
-    error: BaseException | None = None
-
-    def outcome(self) -> tuple[bool, bool]:
-        if self.error is not None:
-            raise self.error
-        assert self.result is not None  # noqa: S101 - set before done
-        return self.result
-
-
 class ReplayBatcher:
     """Group commit of the single-use ids (DPoP ``jti``, single-use consent ``jti``) of this
-    process: requests arriving while a write transaction is in flight wait and share the next
-    one, so a durable commit (an fsync) serves a batch instead of one request. Each caller
-    still gets its own answer, decided by the insert (``spend_replay_ids``)."""
+    process: one writer thread takes everything queued while its previous write transaction
+    was in flight and commits it as one (one fsync for a batch of concurrent requests). Each
+    caller still gets its own answer, decided by the insert (``spend_replay_ids``); a failed
+    write fails every caller of its batch (fail closed).
+
+    Threads wait with :meth:`spend`; coroutines await :meth:`spend_async` and hold no thread
+    while the write is in flight."""
 
     def __init__(self, state: StateStore) -> None:
         self._state = state
-        self._lock = threading.Lock()
-        self._queue: list[_Pending] = []
-        self._busy = False
+        self._ready = threading.Condition(threading.Lock())
+        self._queue: list[tuple[ReplaySpend, int, Future[tuple[bool, bool]]]] = []
+        self._writer_idle = False
+        self._closed = False
+        self._thread: threading.Thread | None = None
+
+    def submit(self, item: ReplaySpend, now_ns: int) -> Future[tuple[bool, bool]]:
+        """Queue ``item``; its future answers ``(dpop_new, consent_new)`` once committed."""
+        future: Future[tuple[bool, bool]] = Future()
+        with self._ready:
+            if self._closed:
+                raise StoreUnavailable("replay store is closed")
+            self._queue.append((item, now_ns, future))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="replay-writer",
+                                                daemon=True)
+                self._thread.start()
+            elif self._writer_idle:  # wake it only when it sleeps: one notify per batch
+                self._writer_idle = False
+                self._ready.notify()
+        return future
 
     def spend(self, item: ReplaySpend, now_ns: int) -> tuple[bool, bool]:
-        pending = _Pending(item, now_ns)
-        with self._lock:
-            self._queue.append(pending)
-            lead = not self._busy
-            self._busy = True
-        if not lead:
-            pending.done.wait()
-            if not pending.lead:
-                return pending.outcome()
-        with self._lock:
-            batch, self._queue = self._queue, []
-        try:
-            results = self._state.spend_replay_ids([p.item for p in batch],
-                                                   min(p.now_ns for p in batch))
-            for p, result in zip(batch, results, strict=True):
-                p.result = result
-        except BaseException as exc:  # every waiter of the batch fails alike (fail closed)
-            for p in batch:
-                p.error = exc
-        with self._lock:
-            for p in batch:
-                if p is not pending:
-                    p.done.set()
-            if self._queue:
-                nxt = self._queue[0]
-                nxt.lead = True  # it commits the next batch
-                nxt.done.set()
-            else:
-                self._busy = False
-        return pending.outcome()
+        return self.submit(item, now_ns).result()
+
+    async def spend_async(self, item: ReplaySpend, now_ns: int) -> tuple[bool, bool]:
+        return await asyncio.wrap_future(self.submit(item, now_ns))
+
+    def _run(self) -> None:
+        while True:
+            with self._ready:
+                while not self._queue and not self._closed:
+                    self._writer_idle = True
+                    self._ready.wait()
+                batch, self._queue = self._queue, []
+            if not batch:
+                return  # closed and drained
+            try:
+                results = self._state.spend_replay_ids([item for item, _, _ in batch],
+                                                       min(now for _, now, _ in batch))
+            except Exception as exc:
+                for _, _, future in batch:
+                    future.set_exception(exc)
+                continue
+            for (_, _, future), result in zip(batch, results, strict=True):
+                future.set_result(result)
+
+    def close(self) -> None:
+        """Commit what is queued, then stop the writer thread."""
+        with self._ready:
+            self._closed = True
+            self._ready.notify()
+            thread = self._thread
+        if thread is not None:
+            thread.join()
 
 
 class PersonIndex:
@@ -231,6 +241,11 @@ class PersonIndex:
         self._ids: Any = None
         self._columns: tuple[Any, ...] = ()
 
+    def stale(self) -> bool:
+        """True when the serving version is not the one held (a :meth:`get` would load it
+        first: call :meth:`refresh` off the event loop before)."""
+        return self._store.version != self._version
+
     def get(self, psn_id: int) -> tuple[tuple[Any, ...] | None, str]:
         import numpy as np
 
@@ -238,7 +253,7 @@ class PersonIndex:
         if version is None:
             raise StoreUnavailable("no data version has been loaded")
         if version != self._version:
-            self._load()
+            self.refresh()
         ids, version = self._ids, self._version
         assert version is not None  # noqa: S101 - set by _load
         i = int(np.searchsorted(ids, psn_id))
@@ -246,7 +261,8 @@ class PersonIndex:
             return None, version
         return tuple(column[i].as_py() for column in self._columns), version
 
-    def _load(self) -> None:
+    def refresh(self) -> None:
+        """Hold the serving version's persons (one read of the ``persons`` table)."""
         import duckdb
 
         with self._lock:

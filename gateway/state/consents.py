@@ -218,6 +218,13 @@ class ConsentStatements(ABC):
     def _bump(cur: Any, name: str) -> None:
         """Increment the change counter ``name`` inside the caller's transaction."""
 
+    def _fetch_one(self, sql: str, params: tuple[Any, ...]) -> Any:
+        """The first row of one read statement (a statement is its own snapshot); a backend
+        may run it without an explicit transaction (the per-request reads are these)."""
+        with self._tx() as cur:
+            cur.execute(sql, params)
+            return cur.fetchone()
+
     def _remember_once(self, purge: str, insert: str, params: tuple[Any, ...],
                        now_ns: int) -> bool:
         """The one replay store: purge what has expired, then insert; True for exactly one
@@ -333,13 +340,11 @@ class ConsentStatements(ABC):
         """``(subject, insurer_org, live at now_ns)`` of a consent, None if unknown: one
         primary-key read in its own transaction (so a revocation committed by any process is
         seen), without parsing the stored record — the per-request check of consented calls."""
-        with self._tx() as cur:
-            cur.execute(
-                "SELECT subject, insurer_org, state, valid_from_ns, valid_until_ns "
-                "FROM consents WHERE consent_id = ?",
-                (consent_id,),
-            )
-            row = cur.fetchone()
+        row = self._fetch_one(
+            "SELECT subject, insurer_org, state, valid_from_ns, valid_until_ns "
+            "FROM consents WHERE consent_id = ?",
+            (consent_id,),
+        )
         if row is None:
             return None
         live = row[2] == "active" and int(row[3]) <= now_ns < int(row[4])

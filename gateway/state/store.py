@@ -23,7 +23,7 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -35,7 +35,7 @@ from gateway.errors import (
     StoreUnavailable,
     ValidationFailed,
 )
-from gateway.sqlite_wal import enable_wal
+from gateway.sqlite_wal import WriteTurn, enable_wal
 from gateway.state.budgets import DisclosureStatements
 from gateway.state.consents import (
     ConsentStatements,
@@ -245,9 +245,7 @@ class StateStore(ConsentStatements, DisclosureStatements, ABC):
 
     # -- change counters (a change holds from the next request, in every process) -------
     def version(self, name: str) -> int:
-        with self._tx() as cur:
-            cur.execute("SELECT version FROM state_versions WHERE name = ?", (name,))
-            row = cur.fetchone()
+        row = self._fetch_one("SELECT version FROM state_versions WHERE name = ?", (name,))
         return int(row[0]) if row else 0
 
     @staticmethod
@@ -295,6 +293,7 @@ class SqliteStateStore(StateStore):
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
+        self._write_turn = WriteTurn(path)
         self._migrate()
 
     def _conn(self) -> sqlite3.Connection:
@@ -309,6 +308,16 @@ class SqliteStateStore(StateStore):
                 raise StoreUnavailable("state store cannot be opened") from exc
             self._local.conn = conn
         return conn
+
+    def close(self) -> None:
+        self._write_turn.close()
+
+    def _fetch_one(self, sql: str, params: tuple[Any, ...]) -> Any:
+        # Autocommit: one statement, one read snapshot; no BEGIN / COMMIT round.
+        try:
+            return self._conn().execute(sql, params).fetchone()
+        except sqlite3.Error as exc:
+            raise StoreUnavailable("state store unavailable") from exc
 
     @contextmanager
     def exclusive(self, name: str) -> Iterator[None]:
@@ -327,10 +336,25 @@ class SqliteStateStore(StateStore):
 
     @contextmanager
     def _tx(self, *, write: bool = False) -> Iterator[Cursor]:
+        if not write:
+            with self._tx_on_connection("BEGIN") as cur:
+                yield cur
+            return
+        # Writers take turns before asking SQLite (whose busy handler sleeps milliseconds).
+        with ExitStack() as turn:
+            try:
+                turn.enter_context(self._write_turn.held())
+            except (OSError, sqlite3.Error) as exc:
+                raise StoreUnavailable("state store unavailable") from exc
+            with self._tx_on_connection("BEGIN IMMEDIATE") as cur:
+                yield cur
+
+    @contextmanager
+    def _tx_on_connection(self, begin: str) -> Iterator[Cursor]:
         try:
             conn = self._conn()
             cur = conn.cursor()
-            cur.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+            cur.execute(begin)
         except sqlite3.Error as exc:
             raise StoreUnavailable("state store unavailable") from exc
         try:

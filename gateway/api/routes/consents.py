@@ -107,7 +107,7 @@ class EnrollmentRequest(BaseModel):
 
 
 @router.post(ENROLLMENT_PATH, tags=["persons"])
-def enrollment(
+async def enrollment(
     body: EnrollmentRequest,
     request: Request,
     principal: CurrentPrincipal,
@@ -116,7 +116,7 @@ def enrollment(
     """投保身份校验. Headers: ``Authorization: Bearer <access token>``, ``Consent: <consent
     token>``, ``DPoP: <proof>`` (``htu`` = the gateway's base URL + this path)."""
     base = gateway.consent.issuer if gateway.consent is not None else ""
-    return audited_json(gateway.enrollment_check(
+    return audited_json(await gateway.enrollment_check(
         principal,
         access_token=_bearer(request) or "",
         consent_token=request.headers.get("consent"),
@@ -126,7 +126,7 @@ def enrollment(
 
 
 @router.post(SETTLEMENTS_PATH, tags=["persons"])
-def settlements(
+async def settlements(
     body: SettlementsRequest,
     request: Request,
     principal: CurrentPrincipal,
@@ -135,7 +135,7 @@ def settlements(
     """线上快速理赔: the person's settlements in ``period``, only the released fields. Same
     headers as the enrollment check; the consent must be a ``claims_fast_track`` one."""
     base = gateway.consent.issuer if gateway.consent is not None else ""
-    return audited_json(gateway.persons_settlements(
+    return audited_json(await gateway.persons_settlements(
         principal, body,
         access_token=_bearer(request) or "",
         consent_token=request.headers.get("consent"),
