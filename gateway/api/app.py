@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -14,7 +15,7 @@ from gateway.api.routes import audit, consents, health, oauth, pricing, subjects
 from gateway.service.gateway import Gateway
 from gateway.service.monitoring import Monitor
 
-__all__ = ["create_app"]
+__all__ = ["create_app", "settle_heap"]
 
 
 def create_app(gateway: Gateway) -> FastAPI:
@@ -50,3 +51,13 @@ def create_app(gateway: Gateway) -> FastAPI:
 
     app.add_middleware(MetricsMiddleware)
     return app
+
+
+def settle_heap() -> None:
+    """For a serving process, once it is built: what exists now lives as long as the process,
+    so keep it out of the cyclic collector's scans (``gc.freeze``), and collect the young
+    generation less often (a profile of consented checks spent 9 % of its time in the
+    collector)."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(10_000, 10, 10)

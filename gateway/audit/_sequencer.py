@@ -10,11 +10,12 @@ batch (a wake-up per entry would cost a syscall each and swamp the loop).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import threading
 import time
 from collections import deque
 from collections.abc import Sequence
+
+from gateway._futures import settle_futures
 
 __all__ = ["BatchQueue", "Pending", "QueueClosedError", "QueueFullError", "settle"]
 
@@ -61,7 +62,7 @@ class Pending:
 
 def settle(batch: Sequence[Pending], first_index: int, error: BaseException | None) -> None:
     """Give every caller of ``batch`` its index (``first_index`` onwards) or ``error``."""
-    loops: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[int], Pending]]] = {}
+    awaited: list[tuple[asyncio.Future[int], int, BaseException | None]] = []
     for offset, pending in enumerate(batch):
         if error is None:
             pending.index = first_index + offset
@@ -71,23 +72,9 @@ def settle(batch: Sequence[Pending], first_index: int, error: BaseException | No
         if future is None:
             pending._done.release()
         else:
-            loops.setdefault(future.get_loop(), []).append((future, pending))
-    for loop, items in loops.items():
-        # A loop that has closed has no one left waiting on it.
-        with contextlib.suppress(RuntimeError):
-            loop.call_soon_threadsafe(_settle_futures, items)
-
-
-def _settle_futures(items: list[tuple[asyncio.Future[int], Pending]]) -> None:
-    # Runs on the callers' event loop. The exception is built by the awaiting side (log.py),
-    # so only the outcome is recorded here; a cancelled waiter is simply skipped.
-    for future, pending in items:
-        if future.done():
-            continue
-        if pending.error is None:
-            future.set_result(pending.index)
-        else:
-            future.set_exception(pending.error)
+            # The exception is built by the awaiting side (log.py).
+            awaited.append((future, pending.index, pending.error))
+    settle_futures(awaited)
 
 
 class BatchQueue:

@@ -221,9 +221,11 @@ def run_demo(*, persons: int, seed: int, port: int, workdir: Path, serve: bool) 
         return
     import uvicorn
 
-    from gateway.api.app import create_app
+    from gateway.api.app import create_app, settle_heap
     from gateway.service.bootstrap import build_gateway
 
     settings = Settings(workdir=workdir.resolve(), base_url=credentials["base_url"], demo=True)
-    uvicorn.run(create_app(build_gateway(settings)), host="127.0.0.1", port=port,
-                log_level="warning", access_log=False)
+    application = create_app(build_gateway(settings))
+    settle_heap()
+    uvicorn.run(application, host="127.0.0.1", port=port, log_level="warning",
+                access_log=False)

@@ -112,7 +112,7 @@ def serve(
 
     import uvicorn
 
-    from gateway.api.app import create_app
+    from gateway.api.app import create_app, settle_heap
     from gateway.service.bootstrap import build_gateway
 
     settings = _settings(workdir, base_url=base_url or f"http://{host}:{port}")
@@ -120,8 +120,9 @@ def serve(
     # and migrations run once.
     gateway = build_gateway(settings)
     if workers == 1:
-        uvicorn.run(create_app(gateway), host=host, port=port, log_level="warning",
-                    access_log=False)
+        application = create_app(gateway)
+        settle_heap()
+        uvicorn.run(application, host=host, port=port, log_level="warning", access_log=False)
         return
     gateway.audit.close()
     gateway.state.close()
@@ -135,11 +136,13 @@ def serve(
 def worker_app() -> Any:
     """The ASGI app of one worker process (uvicorn ``factory``): its own gateway, connections
     and audit sequencer, configured from the ``GATEWAY_*`` environment."""
-    from gateway.api.app import create_app
+    from gateway.api.app import create_app, settle_heap
     from gateway.service.bootstrap import build_gateway
     from gateway.settings import Settings
 
-    return create_app(build_gateway(Settings()))
+    application = create_app(build_gateway(Settings()))
+    settle_heap()
+    return application
 
 
 @app.command()

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta, timezone
 from decimal import Decimal
@@ -22,6 +21,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
+from gateway._futures import settle_futures
 from gateway.auth.keys import load_private_key, write_private_key
 from gateway.auth.subjects import SubjectTokenVerifier
 from gateway.auth.tokens import Principal
@@ -158,6 +158,19 @@ def new_consent_key(keys_dir: Path) -> tuple[str, dict[str, str], str]:
     return kid, jwk, f"file:{ROTATED_KEYS_DIR}/{kid}.pem"
 
 
+class _Waiter:
+    """One queued spend: a thread waits on ``done``; a coroutine awaits ``future``."""
+
+    __slots__ = ("done", "error", "future", "item", "now_ns", "result")
+
+    def __init__(self, item: ReplaySpend, now_ns: int,
+                 future: asyncio.Future[tuple[bool, bool]] | None) -> None:
+        self.item, self.now_ns, self.future = item, now_ns, future
+        self.result: tuple[bool, bool] = (False, False)
+        self.error: BaseException | None = None
+        self.done = threading.Event() if future is None else None
+
+
 class ReplayBatcher:
     """Group commit of the single-use ids (DPoP ``jti``, single-use consent ``jti``) of this
     process: one writer thread takes everything queued while its previous write transaction
@@ -165,24 +178,22 @@ class ReplayBatcher:
     caller still gets its own answer, decided by the insert (``spend_replay_ids``); a failed
     write fails every caller of its batch (fail closed).
 
-    Threads wait with :meth:`spend`; coroutines await :meth:`spend_async` and hold no thread
-    while the write is in flight."""
+    Threads wait with :meth:`spend`; coroutines await :meth:`spend_async`, hold no thread
+    while the write is in flight, and are woken once per event loop per batch."""
 
     def __init__(self, state: StateStore) -> None:
         self._state = state
         self._ready = threading.Condition(threading.Lock())
-        self._queue: list[tuple[ReplaySpend, int, Future[tuple[bool, bool]]]] = []
+        self._queue: list[_Waiter] = []
         self._writer_idle = False
         self._closed = False
         self._thread: threading.Thread | None = None
 
-    def submit(self, item: ReplaySpend, now_ns: int) -> Future[tuple[bool, bool]]:
-        """Queue ``item``; its future answers ``(dpop_new, consent_new)`` once committed."""
-        future: Future[tuple[bool, bool]] = Future()
+    def _put(self, waiter: _Waiter) -> None:
         with self._ready:
             if self._closed:
                 raise StoreUnavailable("replay store is closed")
-            self._queue.append((item, now_ns, future))
+            self._queue.append(waiter)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="replay-writer",
                                                 daemon=True)
@@ -190,13 +201,22 @@ class ReplayBatcher:
             elif self._writer_idle:  # wake it only when it sleeps: one notify per batch
                 self._writer_idle = False
                 self._ready.notify()
-        return future
 
     def spend(self, item: ReplaySpend, now_ns: int) -> tuple[bool, bool]:
-        return self.submit(item, now_ns).result()
+        """``(dpop_new, consent_new)`` of ``item`` once committed (blocks the thread)."""
+        waiter = _Waiter(item, now_ns, None)
+        self._put(waiter)
+        assert waiter.done is not None  # noqa: S101 - a thread waiter has its event
+        waiter.done.wait()
+        if waiter.error is not None:
+            raise waiter.error
+        return waiter.result
 
     async def spend_async(self, item: ReplaySpend, now_ns: int) -> tuple[bool, bool]:
-        return await asyncio.wrap_future(self.submit(item, now_ns))
+        """:meth:`spend` for a coroutine."""
+        future: asyncio.Future[tuple[bool, bool]] = asyncio.get_running_loop().create_future()
+        self._put(_Waiter(item, now_ns, future))
+        return await future
 
     def _run(self) -> None:
         while True:
@@ -208,14 +228,21 @@ class ReplayBatcher:
             if not batch:
                 return  # closed and drained
             try:
-                results = self._state.spend_replay_ids([item for item, _, _ in batch],
-                                                       min(now for _, now, _ in batch))
+                results = self._state.spend_replay_ids([w.item for w in batch],
+                                                       min(w.now_ns for w in batch))
             except Exception as exc:
-                for _, _, future in batch:
-                    future.set_exception(exc)
-                continue
-            for (_, _, future), result in zip(batch, results, strict=True):
-                future.set_result(result)
+                for waiter in batch:
+                    waiter.error = exc
+            else:
+                for waiter, result in zip(batch, results, strict=True):
+                    waiter.result = result
+            awaited = []
+            for waiter in batch:
+                if waiter.future is not None:
+                    awaited.append((waiter.future, waiter.result, waiter.error))
+                elif waiter.done is not None:
+                    waiter.done.set()
+            settle_futures(awaited)
 
     def close(self) -> None:
         """Commit what is queued, then stop the writer thread."""
