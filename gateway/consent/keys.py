@@ -53,6 +53,13 @@ __all__ = [
 CONSENT_ALG = "EdDSA"
 KeyState = Literal["pending", "active", "retired"]
 _B64URL = re.compile(r"[A-Za-z0-9_-]*")
+_B64URL_VALUE = {
+    c: i for i, c in enumerate(
+        "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
+}
+# The last character of 2 (3) leftover characters carries 4 (2) bits beyond the data.
+_UNUSED_BITS = {2: 0x0F, 3: 0x03}
+_TO_STANDARD = str.maketrans("-_", "+/")
 # RFC 7638 §3.2: the required members of each key type, in lexicographic order.
 _THUMBPRINT_MEMBERS: dict[str, tuple[str, ...]] = {
     "OKP": ("crv", "kty", "x"),  # RFC 8037 §2
@@ -76,15 +83,17 @@ def b64url_decode(segment: str) -> bytes:
     ...
     ValueError: non-canonical base64url
     """
-    if not _B64URL.fullmatch(segment) or len(segment) % 4 == 1:
+    tail = len(segment) % 4
+    if tail == 1 or not _B64URL.fullmatch(segment):
         raise ValueError("not unpadded base64url")
+    # Canonical: the bits the last character carries beyond the data are zero (checked
+    # here rather than by encoding the result again: the check runs on every request).
+    if tail and _B64URL_VALUE[segment[-1]] & _UNUSED_BITS[tail]:
+        raise ValueError("non-canonical base64url")
     try:
-        data = base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
+        return binascii.a2b_base64(segment.translate(_TO_STANDARD) + "=" * (-tail % 4))
     except (binascii.Error, ValueError) as exc:
         raise ValueError("not unpadded base64url") from exc
-    if b64url_encode(data) != segment:
-        raise ValueError("non-canonical base64url")
-    return data
 
 
 def jwk_thumbprint(jwk: Mapping[str, Any]) -> str:

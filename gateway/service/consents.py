@@ -98,8 +98,11 @@ class ConsentKeyRing:
         self._version = -1
         self._set = ConsentKeySet()
 
-    def current(self) -> ConsentKeySet:
-        version = self._state.version("consent_keys")
+    def current(self, version: int | None = None) -> ConsentKeySet:
+        """The key set as of ``version`` of the ``consent_keys`` counter (read now when the
+        caller has not read it already)."""
+        if version is None:
+            version = self._state.version("consent_keys")
         if version != self._version:
             with self._lock:
                 if version != self._version:
@@ -264,29 +267,31 @@ class PersonIndex:
     def __init__(self, store: QueryStore) -> None:
         self._store = store
         self._lock = threading.Lock()
-        self._version: str | None = None
-        self._ids: Any = None
-        self._columns: tuple[Any, ...] = ()
+        # (version, sorted psn_id array, Arrow columns), replaced whole: readers never see
+        # the ids of one version with the columns of another.
+        self._held: tuple[str, Any, tuple[Any, ...]] | None = None
 
     def stale(self) -> bool:
-        """True when the serving version is not the one held (a :meth:`get` would load it
-        first: call :meth:`refresh` off the event loop before)."""
-        return self._store.version != self._version
+        """True when the serving data version is not the one held: call :meth:`refresh`
+        (off the event loop: it reads the whole table) before :meth:`get`."""
+        held = self._held
+        return held is None or self._store.version != held[0]
 
     def get(self, psn_id: int) -> tuple[tuple[Any, ...] | None, str]:
+        """The person's row and the data version it was read from (the held one: a version
+        published since is picked up by the next :meth:`stale` / :meth:`refresh`)."""
         import numpy as np
 
-        version = self._store.version
-        if version is None:
-            raise StoreUnavailable("no data version has been loaded")
-        if version != self._version:
+        held = self._held
+        if held is None:
             self.refresh()
-        ids, version = self._ids, self._version
-        assert version is not None  # noqa: S101 - set by _load
+            held = self._held
+            assert held is not None  # noqa: S101 - set by refresh or it raised
+        version, ids, columns = held
         i = int(np.searchsorted(ids, psn_id))
         if i >= len(ids) or int(ids[i]) != psn_id:
             return None, version
-        return tuple(column[i].as_py() for column in self._columns), version
+        return tuple(column[i].as_py() for column in columns), version
 
     def refresh(self) -> None:
         """Hold the serving version's persons (one read of the ``persons`` table)."""
@@ -295,18 +300,17 @@ class PersonIndex:
         with self._lock:
             try:
                 with self._store.cursor() as (cur, version):
-                    if version == self._version:
+                    if self._held is not None and version == self._held[0]:
                         return
                     table = cur.sql("SELECT psn_id, insutype, insu_admdvs, psn_insu_date, "
                                     "insu_end_date FROM persons ORDER BY psn_id"
                                     ).to_arrow_table()
             except duckdb.Error as exc:
                 raise StoreUnavailable("query store error") from exc
-            ids = table.column("psn_id").to_numpy()
             # Arrow arrays, read one value at a time: no per-person Python objects.
-            self._columns = tuple(table.column(name).combine_chunks() for name in (
+            columns = tuple(table.column(name).combine_chunks() for name in (
                 "insutype", "insu_admdvs", "psn_insu_date", "insu_end_date"))
-            self._ids, self._version = ids, version
+            self._held = (version, table.column("psn_id").to_numpy(), columns)
 
 
 @dataclass

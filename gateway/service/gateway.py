@@ -196,8 +196,11 @@ class Gateway:
         return checks
 
     # -- policy data follows the grants table, in every worker ---------------------------
-    def _sync_policy_data(self) -> None:
-        version = self.state.version("grants")
+    def _sync_policy_data(self, version: int | None = None) -> None:
+        """Give the policy engine the grants as of ``version`` of the ``grants`` counter (read
+        now when the caller has not read it already)."""
+        if version is None:
+            version = self.state.version("grants")
         if version == self._policy_data_version:
             return
         with self._policy_lock:
@@ -720,12 +723,12 @@ class Gateway:
         return Audited(body, audit_id)
 
     async def _decide_consented(self, principal: Principal, action: str, purpose: str,
-                                resource: dict[str, Any], verified: VerifiedConsent
-                                ) -> Decision:
+                                resource: dict[str, Any], verified: VerifiedConsent,
+                                grants_version: int) -> Decision:
         """The policy decision of a person-level call, with the verified consent claims. An
         in-process engine decides on the event loop (about 0.1 ms of CPU); one behind a
         network round trip decides off it."""
-        self._sync_policy_data()
+        self._sync_policy_data(grants_version)
         policy_input = {
             "subject": principal.policy_subject(),
             "action": action,
@@ -748,16 +751,20 @@ class Gateway:
                    consent_token: str | None, dpop_proof: str | None, htu: str,
                    purpose: str, datatypes: tuple[str, ...], period: DataPeriod | None = None,
                    claim_id: str | None = None
-                   ) -> tuple[VerifiedConsent, str, str]:
+                   ) -> tuple[VerifiedConsent, str, str, int]:
         """The consent token, the DPoP proof and the live consent record, in this order;
         each refusal raises with its own code (the caller audits it). Returns the proof's
         ``jti`` too: it is spent by :meth:`_spend`, once the request is otherwise allowed.
-        Returns (verified claims, the consent record's subject, the proof's jti)."""
+        Returns (verified claims, the consent record's subject, the proof's jti, the version
+        of the grants counter read with the key set's, for the decision)."""
         now_ns = int(now * 1e9)
         if not consent_token:
             raise AuthenticationFailed("Consent header missing", code="consent_missing")
+        # One read for both caches this request relies on: a key change or a grant change
+        # made by any process holds here on the very next request.
+        keys_version, grants_version = self.state.versions("consent_keys", "grants")
         verified = verify_consent_token(
-            consent_token, key_set=config.key_set, issuer=config.issuer,
+            consent_token, key_set=config.keys.current(keys_version), issuer=config.issuer,
             audience=config.issuer, client_id=principal.org or "", now=now,
             required_datatypes=datatypes, purpose=purpose, period=period, claim_id=claim_id,
         )
@@ -780,7 +787,7 @@ class Gateway:
         ) != verified.sub:
             raise consent_refused("token does not match its consent record",
                                   "consent_mismatch")
-        return verified, subject, proof.jti
+        return verified, subject, proof.jti, grants_version
 
     async def _spend(self, principal: Principal, dpop_jti: str, verified: VerifiedConsent,
                      now: float) -> None:
@@ -834,13 +841,14 @@ class Gateway:
         try:
             config = self._consent_config()
             now = self.clock()
-            verified, subject, dpop_jti = self._consented(
+            verified, subject, dpop_jti, grants_version = self._consented(
                 principal, members, config=config, now=now, access_token=access_token,
                 consent_token=consent_token, dpop_proof=dpop_proof, htu=htu,
                 purpose=ENROLLMENT_PURPOSE, datatypes=ENROLLMENT_DATATYPES)
             decision = await self._decide_consented(
                 principal, ENROLLMENT_ACTION, ENROLLMENT_PURPOSE,
-                {"dataset": "persons", "datatypes": list(ENROLLMENT_DATATYPES)}, verified)
+                {"dataset": "persons", "datatypes": list(ENROLLMENT_DATATYPES)}, verified,
+                grants_version)
             members["policy_version"] = decision.policy_version
             if not decision.allow:
                 raise PolicyDenied(decision.reasons)
@@ -871,7 +879,7 @@ class Gateway:
         try:
             config = self._consent_config()
             now = self.clock()
-            verified, subject, dpop_jti = self._consented(
+            verified, subject, dpop_jti, grants_version = self._consented(
                 principal, members, config=config, now=now, access_token=access_token,
                 consent_token=consent_token, dpop_proof=dpop_proof, htu=htu,
                 purpose=SETTLEMENTS_PURPOSE, datatypes=tuple(sorted(set(request.datatypes))),
@@ -879,7 +887,7 @@ class Gateway:
             decision = await self._decide_consented(
                 principal, SETTLEMENTS_ACTION, SETTLEMENTS_PURPOSE,
                 {"dataset": "person_settlements", "fields": list(SETTLEMENT_FIELDS),
-                 "datatypes": sorted(set(request.datatypes))}, verified)
+                 "datatypes": sorted(set(request.datatypes))}, verified, grants_version)
             members["policy_version"] = decision.policy_version
             if not decision.allow or decision.obligations is None:
                 raise PolicyDenied(decision.reasons or ("denied by default",))
