@@ -24,10 +24,11 @@ from dataclasses import dataclass
 from typing import Any, NoReturn
 from urllib.parse import urlsplit, urlunsplit
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from jwt import PyJWK
 from jwt.exceptions import PyJWKError
 
-from gateway.consent.keys import b64url_decode, b64url_encode, jwk_thumbprint
+from gateway.consent.keys import b64url_decode, b64url_encode, ed25519_verify, jwk_thumbprint
 from gateway.consent.token import parse_compact
 from gateway.errors import AuthenticationFailed
 
@@ -140,9 +141,13 @@ def verify_dpop_proof(
         key = _proof_key(alg, coordinates)
     except PyJWKError:
         _fail("bad_jwk", "header jwk is not a valid public key")
-    if len(jws.signature) != _SIGNATURE_BYTES or not key.Algorithm.verify(
-        jws.signing_input, key.key, jws.signature
-    ):
+    if len(jws.signature) != _SIGNATURE_BYTES:
+        _fail("bad_signature", "proof signature does not verify with its jwk")
+    if isinstance(key.key, Ed25519PublicKey):
+        verified = ed25519_verify(key.key, jws.signature, jws.signing_input)
+    else:
+        verified = key.Algorithm.verify(jws.signing_input, key.key, jws.signature)
+    if not verified:
         _fail("bad_signature", "proof signature does not verify with its jwk")
     claims = jws.payload
     missing = [name for name in _REQUIRED_CLAIMS if name not in claims]

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import json
 import re
@@ -32,6 +33,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import nacl.exceptions
+import nacl.signing
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -46,11 +49,13 @@ __all__ = [
     "VerificationKey",
     "b64url_decode",
     "b64url_encode",
+    "ed25519_verify",
     "jwk_thumbprint",
     "public_jwk",
 ]
 
 CONSENT_ALG = "EdDSA"
+_ED25519_SIGNATURE_BYTES = 64
 KeyState = Literal["pending", "active", "retired"]
 _B64URL = re.compile(r"[A-Za-z0-9_-]*")
 _B64URL_VALUE = {
@@ -94,6 +99,32 @@ def b64url_decode(segment: str) -> bytes:
         return binascii.a2b_base64(segment.translate(_TO_STANDARD) + "=" * (-tail % 4))
     except (binascii.Error, ValueError) as exc:
         raise ValueError("not unpadded base64url") from exc
+
+
+@functools.lru_cache(maxsize=256)
+def _sodium_key(public: bytes) -> nacl.signing.VerifyKey:
+    return nacl.signing.VerifyKey(public)
+
+
+def ed25519_verify(public_key: Ed25519PublicKey, signature: bytes, message: bytes) -> bool:
+    """RFC 8032 Ed25519 verification, through libsodium (PyNaCl): about twice as fast as
+    OpenSSL's on this machine (``bench/enrollment_http.py`` measures both), and stricter (it
+    also refuses small-order keys and ``R``). It runs twice on every consented request.
+
+    >>> from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    >>> key = Ed25519PrivateKey.generate()
+    >>> ed25519_verify(key.public_key(), key.sign(b"msg"), b"msg")
+    True
+    >>> ed25519_verify(key.public_key(), key.sign(b"msg"), b"other")
+    False
+    """
+    if len(signature) != _ED25519_SIGNATURE_BYTES:
+        return False
+    try:
+        _sodium_key(public_key.public_bytes_raw()).verify(message, signature)
+    except nacl.exceptions.BadSignatureError:
+        return False
+    return True
 
 
 def jwk_thumbprint(jwk: Mapping[str, Any]) -> str:

@@ -28,10 +28,9 @@ from datetime import timedelta
 from typing import Any, NoReturn
 
 import jwt
-from cryptography.exceptions import InvalidSignature
 from pydantic import ValidationError
 
-from gateway.consent.keys import CONSENT_ALG, ConsentKeySet, b64url_decode
+from gateway.consent.keys import CONSENT_ALG, ConsentKeySet, b64url_decode, ed25519_verify
 from gateway.consent.model import (
     PURPOSES,
     AuthorizationDetail,
@@ -326,9 +325,7 @@ def verify_consent_token(
     if len(jws.signature) != _ED25519_SIGNATURE_BYTES:
         _fail("consent", "bad_signature",
               f"signature has {len(jws.signature)} bytes, want {_ED25519_SIGNATURE_BYTES}")
-    try:
-        key.public_key.verify(jws.signature, jws.signing_input)
-    except InvalidSignature:
+    if not ed25519_verify(key.public_key, jws.signature, jws.signing_input):
         _fail("consent", "bad_signature", "signature does not verify")
     # -- claims --------------------------------------------------------------------------
     claims, details = _claims(jws.payload)
