@@ -100,8 +100,8 @@ class AccessTokenIssuer:
         self.state = state
         self.ttl_s = ttl_s
         self.clock = clock
-        # token -> (its caller, when it stops being accepted): see verify().
-        self._verified: dict[str, tuple[Principal, float]] = {}
+        # token -> (its caller, iat, exp), verified but for time: see verify().
+        self._verified: dict[str, tuple[Principal, int, int]] = {}
 
     # -- token endpoint ----------------------------------------------------------------
     def exchange(self, *, grant_type: str, assertion_type: str, assertion: str) -> dict[str, Any]:
@@ -183,30 +183,34 @@ class AccessTokenIssuer:
     def verify(self, token: str) -> Principal:
         """The caller an access token names, or :class:`AuthenticationFailed`.
 
-        A token verified once is remembered until it expires (its exact characters are the
-        key: the same bytes verify the same way), so a client's later requests skip the
-        signature check; every check of time still happens on every request."""
-        hit = self._verified.get(token)
-        now = time.time()  # what PyJWT checks exp against on the first verification
-        if hit is not None:
-            principal, usable_until = hit
-            if now < usable_until:
-                return principal
+        A token whose signature and claims were verified once is remembered until it expires
+        (its exact characters are the key: the same bytes verify the same way), so a client's
+        later requests skip the signature check; the checks of time (``exp``, ``iat``,
+        against this issuer's clock) run on every request."""
+        now = self.clock()
+        remembered = self._verified.get(token)
+        if remembered is None:
+            remembered = self._verify_signed(token)
+            if len(self._verified) >= _MAX_REMEMBERED_TOKENS:
+                self._forget_expired(now)
+            self._verified[token] = remembered
+        principal, iat, exp = remembered
+        if now >= exp + _LEEWAY_S:
             self._verified.pop(token, None)
-        principal, usable_until = self._verify_signed(token)
-        if len(self._verified) >= _MAX_REMEMBERED_TOKENS:
-            self._forget_expired(now)
-        self._verified[token] = (principal, usable_until)
+            raise AuthenticationFailed("access token expired")
+        if iat > now + _LEEWAY_S:
+            raise AuthenticationFailed("invalid access token")
         return principal
 
     def _forget_expired(self, now: float) -> None:
-        for key, (_, until) in list(self._verified.items()):
-            if until <= now:
+        for key, (_, _, exp) in list(self._verified.items()):
+            if now >= exp + _LEEWAY_S:
                 self._verified.pop(key, None)
         while len(self._verified) >= _MAX_REMEMBERED_TOKENS:  # oldest first
             self._verified.pop(next(iter(self._verified)), None)
 
-    def _verify_signed(self, token: str) -> tuple[Principal, float]:
+    def _verify_signed(self, token: str) -> tuple[Principal, int, int]:
+        """Signature and claims, but not time: ``(principal, iat, exp)``."""
         header = _unverified_header(token)
         if header.get("typ") != ACCESS_TOKEN_TYP:
             raise AuthenticationFailed("not an access token")
@@ -219,15 +223,17 @@ class AccessTokenIssuer:
                 algorithms=["EdDSA"],
                 audience=self.issuer,
                 issuer=self.issuer,
-                leeway=_LEEWAY_S,
-                options={"require": ["iss", "sub", "aud", "exp", "iat", "jti", "client_id"]},
+                # Time is checked by verify(), on every request, with this issuer's clock.
+                options={"require": ["iss", "sub", "aud", "exp", "iat", "jti", "client_id"],
+                         "verify_exp": False, "verify_iat": False, "verify_nbf": False},
             )
-        except jwt.ExpiredSignatureError as exc:
-            raise AuthenticationFailed("access token expired") from exc
         except jwt.PyJWTError as exc:
             raise AuthenticationFailed("invalid access token") from exc
         role = claims.get("role")
-        if role not in _ROLES or claims["client_id"] != claims["sub"]:
+        iat, exp = claims["iat"], claims["exp"]
+        if (role not in _ROLES or claims["client_id"] != claims["sub"]
+                or "nbf" in claims
+                or not all(isinstance(t, int) and not isinstance(t, bool) for t in (iat, exp))):
             raise AuthenticationFailed("invalid access token")
         org = claims.get("org")
         principal = Principal(
@@ -236,5 +242,4 @@ class AccessTokenIssuer:
             org=str(org) if org is not None else None,
             token_id=str(claims["jti"]),
         )
-        # PyJWT accepts the token while now < exp + leeway.
-        return principal, float(claims["exp"]) + _LEEWAY_S
+        return principal, iat, exp

@@ -17,7 +17,16 @@ import pytest
 
 from gateway.audit import AuditEntry
 from gateway.policy.bundle import write_signing_key
+from gateway.synth import CityFiles
 from tests.conftest import Env, LoadedStore, make_env
+from tests.http.persons import (
+    ENROLLMENT,
+    Insurer,
+    call,
+    consent_body,
+    give_consent,
+    sample_persons,
+)
 from tests.opa import OpaServer, Proxy, build_bundle, opa_binary
 
 QUERY = {"purpose": "hmb_pricing", "dataset": "settlements", "dimensions": ["gend"],
@@ -129,6 +138,23 @@ def test_opa_decides_and_the_audit_names_the_bundle_and_the_decision(opa_env: Op
     ready = env.client.get("/readyz")
     assert ready.status_code == 200
     assert ready.json()["checks"]["policy"] is True
+
+
+def test_a_consented_check_decided_by_opa_carries_its_decision_id(
+        opa_env: OpaEnv, city: CityFiles) -> None:
+    """Person-level calls run on the event loop; with OPA the decision is taken off it, in a
+    worker thread, and its trace still reaches the audit entry of this request."""
+    env, insurer = opa_env.env, Insurer()
+    (person,) = sample_persons(city, 1)
+    consent = give_consent(env, consent_body(person, insurer))
+    token = env.token("insurer")
+    response = call(env, ENROLLMENT, token, consent["token"], insurer.proof(token))
+    assert response.status_code == 200, response.text
+    entry = env.gateway.audit.get(int(response.headers["Audit-Index"]))
+    assert (entry.action, entry.decision) == ("persons.enrollment", "allow")
+    assert entry.bundle_revision == REVISION
+    assert entry.decision_id
+    assert entry.decision_id in opa_env.server.log()
 
 
 def test_a_deny_from_opa_is_audited_with_its_decision_id(opa_env: OpaEnv) -> None:

@@ -216,3 +216,74 @@ def test_replay_batcher_lets_exactly_one_request_use_a_consent(tmp_path: Path) -
     assert len(results) == 16 * 20
     assert all(dpop for dpop, _ in results)
     assert sum(consent for _, consent in results) == 20
+
+
+def test_replay_batcher_coroutines_and_threads_share_batches(tmp_path: Path) -> None:
+    """Coroutines (the person endpoints) and threads spend through one writer; a consent is
+    still used exactly once, whoever asks."""
+    import asyncio
+    import threading
+
+    from gateway.service.consents import ReplayBatcher
+    from gateway.state.consents import ReplaySpend
+    from gateway.state.store import SqliteStateStore
+
+    batcher = ReplayBatcher(SqliteStateStore(tmp_path / "state.sqlite"))
+    far = 2**62
+
+    def item(who: str, k: int) -> ReplaySpend:
+        return ReplaySpend("c-1", f"proof-{who}-{k}", far, f"jti-{k}", f"cst-{k}", far)
+
+    thread_results: list[tuple[bool, bool]] = []
+
+    def thread_worker() -> None:
+        thread_results.extend(batcher.spend(item("t", k), now_ns=0) for k in range(30))
+
+    async def coroutines() -> list[tuple[bool, bool]]:
+        return list(await asyncio.gather(*(batcher.spend_async(item(f"a{n}", k), now_ns=0)
+                                            for n in range(8) for k in range(30))))
+
+    thread = threading.Thread(target=thread_worker)
+    thread.start()
+    async_results = asyncio.run(coroutines())
+    thread.join()
+    results = async_results + thread_results
+    assert len(results) == 9 * 30
+    assert all(dpop for dpop, _ in results)
+    assert sum(consent for _, consent in results) == 30
+    batcher.close()
+
+
+def test_replay_batcher_fails_every_waiter_of_a_failed_write_then_recovers(tmp_path: Path
+                                                                            ) -> None:
+    """A write that fails (here a trigger refusing it in the real store) fails every caller
+    of its batch, coroutine or thread, with the store's error: nobody is told "new"."""
+    import asyncio
+    import sqlite3
+
+    from gateway.errors import GatewayError
+    from gateway.service.consents import ReplayBatcher
+    from gateway.state.consents import ReplaySpend
+    from gateway.state.store import SqliteStateStore
+
+    path = tmp_path / "state.sqlite"
+    batcher = ReplayBatcher(SqliteStateStore(path))
+    far = 2**62
+    saboteur = sqlite3.connect(path, isolation_level=None)
+    saboteur.execute("CREATE TRIGGER refuse BEFORE INSERT ON dpop_jti "
+                     "BEGIN SELECT RAISE(ABORT, 'disk says no'); END")
+
+    async def spend_all(prefix: str) -> list[object]:
+        return list(await asyncio.gather(
+            *(batcher.spend_async(ReplaySpend("c-1", f"{prefix}-{n}-proof-id", far), 0)
+              for n in range(12)), return_exceptions=True))
+
+    failed = asyncio.run(spend_all("a"))
+    assert all(isinstance(r, GatewayError) for r in failed)
+    with pytest.raises(GatewayError):
+        batcher.spend(ReplaySpend("c-1", "thread-proof-id", far), 0)
+    saboteur.execute("DROP TRIGGER refuse")
+    assert asyncio.run(spend_all("b")) == [(True, True)] * 12
+    batcher.close()
+    with pytest.raises(GatewayError):  # closed: refused at once, never left waiting
+        batcher.spend(ReplaySpend("c-1", "late-proof-id", far), 0)

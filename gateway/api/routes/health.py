@@ -13,7 +13,7 @@ router = APIRouter(tags=["health"])
 
 
 @router.get("/healthz")
-def healthz() -> dict[str, str]:
+async def healthz() -> dict[str, str]:
     """Liveness only: the process answers. Never touches the policy engine or the stores, so
     an OPA or database outage does not get the gateway restarted."""
     return {"status": "ok"}
