@@ -161,6 +161,10 @@ def new_consent_key(keys_dir: Path) -> tuple[str, dict[str, str], str]:
     return kid, jwk, f"file:{ROTATED_KEYS_DIR}/{kid}.pem"
 
 
+# Expired replay ids are forgotten at most this often per process (not in every batch).
+_PURGE_EVERY_S = 1.0
+
+
 class _Waiter:
     """One queued spend: a thread waits on ``done``; a coroutine awaits ``future``."""
 
@@ -191,6 +195,7 @@ class ReplayBatcher:
         self._writer_idle = False
         self._closed = False
         self._thread: threading.Thread | None = None
+        self._purged_at = -_PURGE_EVERY_S
 
     def _put(self, waiter: _Waiter) -> None:
         with self._ready:
@@ -230,9 +235,13 @@ class ReplayBatcher:
                 batch, self._queue = self._queue, []
             if not batch:
                 return  # closed and drained
+            now = time.monotonic()
+            purge = now - self._purged_at >= _PURGE_EVERY_S
             try:
-                results = self._state.spend_replay_ids([w.item for w in batch],
-                                                       min(w.now_ns for w in batch))
+                results = self._state.spend_replay_ids(
+                    [w.item for w in batch], min(w.now_ns for w in batch), purge=purge)
+                if purge:
+                    self._purged_at = now
             except Exception as exc:
                 for waiter in batch:
                     waiter.error = exc

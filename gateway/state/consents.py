@@ -386,19 +386,22 @@ class ConsentStatements(ABC):
             "ON CONFLICT (client_id, jti) DO NOTHING",
             (client_id, jti, expires_ns), now_ns)
 
-    def spend_replay_ids(self, items: Sequence[ReplaySpend], now_ns: int
-                         ) -> list[tuple[bool, bool]]:
+    def spend_replay_ids(self, items: Sequence[ReplaySpend], now_ns: int, *,
+                         purge: bool = True) -> list[tuple[bool, bool]]:
         """Many requests' single-use ids in one write transaction (group commit: one fsync
         for a batch of concurrent requests). Per item, in order: its DPoP ``jti`` (keyed with
         its client), then — only if that was new — its consent ``jti`` when it has one.
         Returns ``(dpop_new, consent_new)`` per item; ``consent_new`` is True for an item with
         no consent ``jti``, and False when its DPoP ``jti`` was a replay (nothing is spent for
         it then). Within a batch, a repeated id loses to its first occurrence, as across
-        batches: the insert is the arbiter."""
+        batches: the insert is the arbiter. ``purge`` first forgets the ids past their
+        expiry (only to bound the tables: an expired proof or token is refused before it
+        gets here, so a caller may purge less often than it writes)."""
         out: list[tuple[bool, bool]] = []
         with self._tx(write=True) as cur:
-            cur.execute("DELETE FROM dpop_jti WHERE expires_ns < ?", (now_ns,))
-            cur.execute("DELETE FROM consumed_consent_jti WHERE expires_ns < ?", (now_ns,))
+            if purge:
+                cur.execute("DELETE FROM dpop_jti WHERE expires_ns < ?", (now_ns,))
+                cur.execute("DELETE FROM consumed_consent_jti WHERE expires_ns < ?", (now_ns,))
             for item in items:
                 if not item.client_id or not item.dpop_jti:
                     raise ValidationFailed("client_id and the DPoP jti are required")
