@@ -1,6 +1,7 @@
 """Durable state: registered clients, grants, spent client-assertion ids, and (through
 :class:`gateway.state.consents.ConsentStatements`) consents, consumed consent and DPoP ``jti``
-and the consent key registry.
+and the consent key registry; (through :class:`gateway.state.ratelimits.RateLimitStatements`)
+the grants' shared rate limits.
 
 The algorithm lives once in :class:`StateStore`, as literal statements in SQLite's ``?``
 parameter style; a backend opens transactions and hands out a :class:`Cursor` that adapts the
@@ -49,6 +50,7 @@ from gateway.state.migrations import (
     Migration,
     statement_for,
 )
+from gateway.state.ratelimits import RateLimitStatements
 
 __all__ = [
     "ClientRecord",
@@ -98,7 +100,7 @@ class GrantRecord:
     created_at_ns: int
 
 
-class StateStore(ConsentStatements, DisclosureStatements, ABC):
+class StateStore(ConsentStatements, DisclosureStatements, RateLimitStatements, ABC):
     """State operations over a DB-API connection; subclasses open it."""
 
     @abstractmethod
@@ -297,17 +299,21 @@ class SqliteStateStore(StateStore):
         self._local = threading.local()
         self._migrate()
 
-    def _conn(self) -> sqlite3.Connection:
-        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+    def _conn(self, *, durable: bool = True) -> sqlite3.Connection:
+        # Two connections per thread: durable commits (synchronous=FULL: the WAL is synced
+        # before COMMIT returns) and counter commits (NORMAL: synced at the next checkpoint or
+        # durable commit). Both see and lock the same database.
+        name = "conn" if durable else "counter_conn"
+        conn: sqlite3.Connection | None = getattr(self._local, name, None)
         if conn is None:
             try:
                 conn = sqlite3.connect(self.path, timeout=5.0, isolation_level=None)
                 enable_wal(conn)
-                conn.execute("PRAGMA synchronous=FULL")
+                conn.execute("PRAGMA synchronous=FULL" if durable else "PRAGMA synchronous=NORMAL")
                 conn.execute("PRAGMA busy_timeout=5000")
             except sqlite3.Error as exc:
                 raise StoreUnavailable("state store cannot be opened") from exc
-            self._local.conn = conn
+            setattr(self._local, name, conn)
         return conn
 
     @contextmanager
@@ -325,10 +331,13 @@ class SqliteStateStore(StateStore):
         finally:
             handle.close()
 
+    def _counter_tx(self) -> AbstractContextManager[Cursor]:
+        return self._tx(write=True, durable=False)
+
     @contextmanager
-    def _tx(self, *, write: bool = False) -> Iterator[Cursor]:
+    def _tx(self, *, write: bool = False, durable: bool = True) -> Iterator[Cursor]:
         try:
-            conn = self._conn()
+            conn = self._conn(durable=durable)
             cur = conn.cursor()
             cur.execute("BEGIN IMMEDIATE" if write else "BEGIN")
         except sqlite3.Error as exc:
