@@ -90,5 +90,6 @@ class RateLimitStatements(ABC):
             if cur.rowcount == 1:
                 return RateTake(True)
             cur.execute(_TAT, (key,))
-            tat_ns = int(cur.fetchone()[0])
-        return RateTake(False, tat_ns - tolerance - now_ns)
+            row = cur.fetchone()  # there: a refusal needs a row (rows are never deleted)
+        wait = int(row[0]) - tolerance - now_ns if row is not None else interval
+        return RateTake(False, wait)

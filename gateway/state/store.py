@@ -11,8 +11,10 @@ statements to its driver (:class:`SqliteStateStore` here, ``PostgresStateStore``
 Concurrency contract, the same on both backends: a ``write`` transaction excludes every other
 write transaction on the database (SQLite's ``BEGIN IMMEDIATE``, a PostgreSQL advisory lock),
 so a read-then-write inside one is atomic across threads and processes; reads see what was
-committed before they started. Driver errors surface as :class:`StoreUnavailable` (fail closed:
-503), constraint violations as :class:`IntegrityViolation` (409).
+committed before they started. Single statements that are their own arbiter (the replay store's
+insert, a rate-limit take) may skip that lock where the backend allows it. Driver errors
+surface as :class:`StoreUnavailable` (fail closed: 503), constraint violations as
+:class:`IntegrityViolation` (409).
 """
 
 from __future__ import annotations
