@@ -811,6 +811,13 @@ def test_a_rate_limit_of_zero_is_refused(store: StateStore) -> None:
         store.take_rate(RATE_KEY, 0, T0_NS)
 
 
+def test_a_take_the_store_cannot_make_is_unavailable(store: StateStore) -> None:
+    with store._tx(write=True) as cur:
+        cur.execute("DROP TABLE rate_limits")  # a real failure of the store, not a stand-in
+    with pytest.raises(StoreUnavailable):
+        store.take_rate(RATE_KEY, 6, T0_NS)
+
+
 def _reference_bucket(per_minute: int, arrivals: list[int]) -> list[bool]:
     """The promise, literally: a bucket of ``per_minute`` tokens, one token back every
     ⌈60 s / per_minute⌉, counted in exact fractions; a request takes a whole token or is
