@@ -64,6 +64,7 @@ bench: $(STAMP)
 	$(BIN)/pip install --quiet -e ".[dev,bench]"
 	$(BIN)/python bench/ingest_throughput.py --persons 1000000
 	$(BIN)/python bench/policy_decision.py
+	$(BIN)/python bench/rate_limit.py
 	$(BIN)/python bench/aggregate_vs_duckdb.py --persons 1000000
 	$(BIN)/python bench/pricing_vs_duckdb.py --persons 1000000
 	$(BIN)/python bench/dp_vs_smartnoise.py

@@ -120,9 +120,17 @@ class IntegrityViolation(Conflict):
 
 
 class RateLimited(GatewayError):
+    """Too many requests for the grant's rate limit; ``retry_after_s`` (the API's
+    ``Retry-After``) says when the next one is allowed."""
+
     code = "rate_limited"
     status = 429
     exit_code = 7
+
+    def __init__(self, message: str, *, retry_after_s: int | None = None,
+                 details: dict[str, Any] | None = None) -> None:
+        super().__init__(message, details=details)
+        self.retry_after_s = retry_after_s
 
 
 class BudgetExhausted(RateLimited):

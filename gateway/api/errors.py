@@ -13,7 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gateway.api.responses import Json
-from gateway.errors import AuthenticationFailed, GatewayError
+from gateway.errors import AuthenticationFailed, GatewayError, RateLimited
 
 __all__ = ["error_response", "install_error_handlers"]
 
@@ -24,6 +24,8 @@ def error_response(exc: GatewayError) -> Json:
     headers = {}
     if isinstance(exc, AuthenticationFailed):
         headers["WWW-Authenticate"] = f'Bearer error="{exc.code}"'
+    if isinstance(exc, RateLimited) and exc.retry_after_s is not None:
+        headers["Retry-After"] = str(exc.retry_after_s)
     audit_id = exc.details.get("audit_id")
     if audit_id is not None:
         headers["Audit-Index"] = str(audit_id)

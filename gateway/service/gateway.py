@@ -15,7 +15,7 @@ import secrets
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
@@ -109,34 +109,6 @@ class Audited:
     audit_id: int
 
 
-@dataclass
-class _Bucket:
-    tokens: float
-    updated: float
-
-
-@dataclass
-class _RateLimiter:
-    """Per-grant token bucket (in-process; shared limits arrive with the PostgreSQL state)."""
-
-    buckets: dict[str, _Bucket] = field(default_factory=dict)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def take(self, key: str, per_minute: int, now: float) -> bool:
-        with self.lock:
-            bucket = self.buckets.get(key)
-            if bucket is None:
-                bucket = self.buckets[key] = _Bucket(tokens=float(per_minute), updated=now)
-            bucket.tokens = min(
-                float(per_minute), bucket.tokens + (now - bucket.updated) * per_minute / 60.0
-            )
-            bucket.updated = now
-            if bucket.tokens < 1.0:
-                return False
-            bucket.tokens -= 1.0
-            return True
-
-
 def _digest(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
@@ -170,7 +142,6 @@ class Gateway:
         self.audit_origin = audit_origin
         self.consent = consent
         self.clock = clock
-        self._limiter = _RateLimiter()
         self._policy_data_version = -1
         self._policy_lock = threading.Lock()
         self._grant_limits: dict[str, int] = {}
@@ -397,11 +368,22 @@ class Gateway:
             raise PolicyDenied(decision.reasons, audit_id=audit_id)
         common["grant_id"] = decision.grant_id
         limit = self._grant_limits.get(decision.grant_id or "", 600)
-        if not self._limiter.take(decision.grant_id or principal.client_id, limit, self.clock()):
-            self.record(principal, action, status=429, decision="deny",
-                        error_code=RateLimited.code,
-                        reasons=[f"rate limit of {limit} requests per minute"], **common)
-            raise RateLimited(f"rate limit of {limit} requests per minute exceeded")
+        key = f"grant:{decision.grant_id}" if decision.grant_id else f"client:{principal.client_id}"
+        try:
+            # Shared by every worker and replica (gateway.state.ratelimits: GCRA).
+            taken = self.state.take_rate(key, limit, int(self.clock() * 1_000_000_000))
+        except StoreUnavailable as exc:
+            self.record(principal, action, status=exc.status, decision="error",
+                        error_code=exc.code, reasons=["rate limit unavailable"], **common)
+            raise
+        if not taken.allowed:
+            audit_id = self.record(principal, action, status=429, decision="deny",
+                                   error_code=RateLimited.code,
+                                   reasons=[f"rate limit of {limit} requests per minute"],
+                                   **common)
+            raise RateLimited(f"rate limit of {limit} requests per minute exceeded",
+                              retry_after_s=taken.retry_after_s,
+                              details={"audit_id": audit_id})
         return decision.obligations
 
     def magnitude_rules(self, grant_id: str | None) -> tuple[Decimal, Decimal]:

@@ -25,6 +25,7 @@ from typing import Final, Literal
 
 from gateway.state.budgets import BUDGET_SCHEMA
 from gateway.state.consents import CONSENT_SCHEMA
+from gateway.state.ratelimits import RATE_LIMIT_SCHEMA
 
 __all__ = ["DIALECTS", "MIGRATIONS", "Dialect", "Migration", "Statement", "statement_for"]
 
@@ -94,4 +95,5 @@ MIGRATIONS: Final[tuple[Migration, ...]] = (
     Migration(1, "clients, grants, replay stores, change counters, consents", _BASE),
     Migration(2, "disclosure: released cells, privacy budget ledger, noisy answers",
               BUDGET_SCHEMA),
+    Migration(3, "grant rate limits: one GCRA arrival time per key", RATE_LIMIT_SCHEMA),
 )

@@ -9,8 +9,9 @@ Only three things differ from SQLite, all here:
   write transactions exclude each other as SQLite's ``BEGIN IMMEDIATE`` does, in every process
   and on every replica (a budget charge reads, checks and writes under it). Reads do not take
   it (READ COMMITTED: they see every commit made before each statement, so a revocation holds
-  from the next request in every worker). The replay store, on every request's path, is its
-  own arbiter and skips the global lock (:meth:`PostgresStateStore._remember_once`);
+  from the next request in every worker). The replay store and the rate limits, on every
+  request's path, are their own arbiters and skip the global lock
+  (:meth:`PostgresStateStore._remember_once`, :meth:`PostgresStateStore._counter_tx`);
 * errors: psycopg's ``IntegrityError`` becomes :class:`IntegrityViolation`, any other driver
   error (server down, pool exhausted, statement timeout) :class:`StoreUnavailable`, so callers
   fail closed with 503.
@@ -164,6 +165,16 @@ class PostgresStateStore(StateStore):
                 yield cur
         except psycopg.Error as exc:
             raise StoreUnavailable("state store unavailable") from exc
+
+    @contextmanager
+    def _counter_tx(self) -> Iterator[Cursor]:
+        """A rate-limit take without the global write lock: its ``INSERT … ON CONFLICT DO
+        UPDATE … WHERE`` locks the key's row and re-reads it, so it is the arbiter by itself.
+        The commit does not wait for the WAL flush (``synchronous_commit=off`` for this
+        transaction only): a server crash may forget the last takes, never half-apply one."""
+        with self._transaction(lock=False) as cur:
+            cur.execute("SET LOCAL synchronous_commit = off")
+            yield cur
 
     def _remember_once(self, purge: str, insert: str, params: tuple[Any, ...],
                        now_ns: int) -> bool:

@@ -1,6 +1,7 @@
 """Durable state: registered clients, grants, spent client-assertion ids, and (through
 :class:`gateway.state.consents.ConsentStatements`) consents, consumed consent and DPoP ``jti``
-and the consent key registry.
+and the consent key registry; (through :class:`gateway.state.ratelimits.RateLimitStatements`)
+the grants' shared rate limits.
 
 The algorithm lives once in :class:`StateStore`, as literal statements in SQLite's ``?``
 parameter style; a backend opens transactions and hands out a :class:`Cursor` that adapts the
@@ -10,8 +11,10 @@ statements to its driver (:class:`SqliteStateStore` here, ``PostgresStateStore``
 Concurrency contract, the same on both backends: a ``write`` transaction excludes every other
 write transaction on the database (SQLite's ``BEGIN IMMEDIATE``, a PostgreSQL advisory lock),
 so a read-then-write inside one is atomic across threads and processes; reads see what was
-committed before they started. Driver errors surface as :class:`StoreUnavailable` (fail closed:
-503), constraint violations as :class:`IntegrityViolation` (409).
+committed before they started. Single statements that are their own arbiter (the replay store's
+insert, a rate-limit take) may skip that lock where the backend allows it. Driver errors
+surface as :class:`StoreUnavailable` (fail closed: 503), constraint violations as
+:class:`IntegrityViolation` (409).
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ from gateway.state.migrations import (
     Migration,
     statement_for,
 )
+from gateway.state.ratelimits import RateLimitStatements
 
 __all__ = [
     "ClientRecord",
@@ -98,7 +102,7 @@ class GrantRecord:
     created_at_ns: int
 
 
-class StateStore(ConsentStatements, DisclosureStatements, ABC):
+class StateStore(ConsentStatements, DisclosureStatements, RateLimitStatements, ABC):
     """State operations over a DB-API connection; subclasses open it."""
 
     @abstractmethod
@@ -303,17 +307,21 @@ class SqliteStateStore(StateStore):
         self._write_turn = WriteTurn(path)
         self._migrate()
 
-    def _conn(self) -> sqlite3.Connection:
-        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+    def _conn(self, *, durable: bool = True) -> sqlite3.Connection:
+        # Two connections per thread: durable commits (synchronous=FULL: the WAL is synced
+        # before COMMIT returns) and counter commits (NORMAL: synced at the next checkpoint or
+        # durable commit). Both see and lock the same database.
+        name = "conn" if durable else "counter_conn"
+        conn: sqlite3.Connection | None = getattr(self._local, name, None)
         if conn is None:
             try:
                 conn = sqlite3.connect(self.path, timeout=5.0, isolation_level=None)
                 enable_wal(conn)
-                conn.execute("PRAGMA synchronous=FULL")
+                conn.execute("PRAGMA synchronous=FULL" if durable else "PRAGMA synchronous=NORMAL")
                 conn.execute("PRAGMA busy_timeout=5000")
             except sqlite3.Error as exc:
                 raise StoreUnavailable("state store cannot be opened") from exc
-            self._local.conn = conn
+            setattr(self._local, name, conn)
         return conn
 
     def close(self) -> None:
@@ -341,10 +349,13 @@ class SqliteStateStore(StateStore):
         finally:
             handle.close()
 
+    def _counter_tx(self) -> AbstractContextManager[Cursor]:
+        return self._tx(write=True, durable=False)
+
     @contextmanager
-    def _tx(self, *, write: bool = False) -> Iterator[Cursor]:
+    def _tx(self, *, write: bool = False, durable: bool = True) -> Iterator[Cursor]:
         if not write:
-            with self._tx_on_connection("BEGIN") as cur:
+            with self._tx_on_connection("BEGIN", durable) as cur:
                 yield cur
             return
         # Writers take turns before asking SQLite (whose busy handler sleeps milliseconds).
@@ -353,13 +364,13 @@ class SqliteStateStore(StateStore):
                 turn.enter_context(self._write_turn.held())
             except (OSError, sqlite3.Error) as exc:
                 raise StoreUnavailable("state store unavailable") from exc
-            with self._tx_on_connection("BEGIN IMMEDIATE") as cur:
+            with self._tx_on_connection("BEGIN IMMEDIATE", durable) as cur:
                 yield cur
 
     @contextmanager
-    def _tx_on_connection(self, begin: str) -> Iterator[Cursor]:
+    def _tx_on_connection(self, begin: str, durable: bool) -> Iterator[Cursor]:
         try:
-            conn = self._conn()
+            conn = self._conn(durable=durable)
             cur = conn.cursor()
             cur.execute(begin)
         except sqlite3.Error as exc:

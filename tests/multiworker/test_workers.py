@@ -5,8 +5,9 @@ database) and on the SQLite files.
 Every request goes over its own TCP connection, and the test finds which worker process
 accepted it (the server side of the connection in ``/proc``), so "every worker" is checked,
 not hoped for: a revoked grant is refused by the very next request through each of the four
-workers, a single-use consent fired at all of them at once is accepted once, and the audit log
-they all appended to verifies as one chain and one Merkle tree.
+workers, a single-use consent fired at all of them at once is accepted once, a grant's rate
+limit counts the requests of all of them together, and the audit log they all appended to
+verifies as one chain and one Merkle tree.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ import psycopg
 import pytest
 
 from gateway.audit.backends import open_audit_log
-from gateway.cli.clients import request_token
+from gateway.cli.clients import register_client, request_token
+from gateway.settings import Settings
 from gateway.state.postgres import PostgresStateStore
 from gateway.synth import CityFiles
 from tests.conftest import CLIENTS, PRICING_GRANT, LoadedStore, make_env
@@ -98,6 +100,7 @@ class Answer:
     body: Any
     worker: int | None
     audit_index: int | None
+    retry_after: str | None = None
 
 
 @dataclass
@@ -144,7 +147,8 @@ class Cluster:
                 with self.lock:
                     self.audit_indexes.append(int(index))
             return Answer(response.status, json.loads(raw) if raw else None, worker,
-                          None if index is None else int(index))
+                          None if index is None else int(index),
+                          response.getheader("Retry-After"))
         finally:
             conn.close()
 
@@ -322,6 +326,35 @@ def test_a_single_use_consent_fired_at_every_worker_is_used_once(
     replay = cluster.request("POST", ENROLLMENT, token=token, body={},
                              headers={"Consent": issued.body["token"], "DPoP": proofs[0]})
     assert replay.status in (400, 401, 403)
+
+
+def test_a_grant_rate_limit_counts_the_requests_of_every_worker(cluster: Cluster) -> None:
+    # An insurer of its own, so that no other test's grant is chosen for its queries.
+    key_path = cluster.workdir / "clients" / "t-insurer-rl.pem"
+    register_client(Settings(workdir=cluster.workdir, state_url=cluster.state_url),
+                    client_id="t-insurer-rl", role="insurer", org="ins-rl", alg="EdDSA",
+                    key_path=key_path)
+    limit = 4  # one request back every 15 s: far longer than the test's requests take
+    grant = {**PRICING_GRANT, "insurer": "ins-rl", "rate_limit_per_minute": limit}
+    created = cluster.request("POST", "/v1/grants", token=cluster.token("admin"), body=grant)
+    assert created.status == 201, created.body
+    token = request_token(cluster.base, "t-insurer-rl", key_path, "EdDSA")
+
+    def query() -> Answer:
+        return cluster.request("POST", "/v1/query/aggregate", token=token, body=QUERY)
+
+    started = time.monotonic()
+    answers = _fan_out(cluster, 3 * limit, lambda _: query())
+    # Then one more through each worker: every one of them has seen the allowance spent.
+    after = _until_every_worker(cluster, query)
+    assert time.monotonic() - started < 15, "too slow to test a 15 s interval"
+    assert sorted(a.status for a in answers) == [200] * limit + [429] * (2 * limit)
+    assert len({a.worker for a in answers}) > 1  # per-worker buckets would have allowed more
+    assert {a.status for a in after} == {429}
+    refused = [a for a in answers + after if a.status == 429]
+    assert {a.body["error"]["code"] for a in refused} == {"rate_limited"}
+    assert all(a.retry_after is not None and 1 <= int(a.retry_after) <= 15 for a in refused)
+    assert all(a.audit_index is not None for a in answers + after)
 
 
 def test_audit_log_of_all_workers_verifies_as_one_tree(cluster: Cluster) -> None:

@@ -12,6 +12,7 @@ import functools
 import itertools
 import multiprocessing
 import os
+import random
 import socket
 import threading
 import time
@@ -19,6 +20,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -770,3 +772,114 @@ def test_an_exclusive_section_is_released_when_its_holder_fails(backend: Backend
         raise RuntimeError("the work inside failed")
     other = open_store(backend)
     assert _hold_exclusive(other)[1] > 0  # would block forever if the lock were kept
+
+
+# -- grant rate limits (GCRA): exact across threads and processes, refilled by the clock -------
+# Every take passes its own `now_ns`: the tests move that clock, never the store.
+
+RATE_KEY = "grant:g-rate"
+
+
+def _takes(store: StateStore, per_minute: int, now_ns: int, n: int) -> list[bool]:
+    return [store.take_rate(RATE_KEY, per_minute, now_ns).allowed for _ in range(n)]
+
+
+def test_a_rate_limit_allows_its_limit_at_once_then_says_when_to_retry(
+    store: StateStore,
+) -> None:
+    assert _takes(store, 6, T0_NS, 9) == [True] * 6 + [False] * 3
+    refused = store.take_rate(RATE_KEY, 6, T0_NS)
+    # 6 per minute: one request back every 10 s.
+    assert (refused.allowed, refused.retry_after_ns, refused.retry_after_s) == (False, 10 * NS, 10)
+    assert store.take_rate("grant:g-other", 6, T0_NS).allowed  # every key has its own allowance
+    once = store.take_rate("grant:g-once", 1, T0_NS)
+    assert (once.allowed, once.retry_after_s) == (True, 0)
+    assert store.take_rate("grant:g-once", 1, T0_NS).retry_after_s == 60
+
+
+def test_the_allowance_refills_as_the_injected_clock_advances(store: StateStore) -> None:
+    assert _takes(store, 6, T0_NS, 6) == [True] * 6
+    assert _takes(store, 6, T0_NS + 10 * NS - 1, 3) == [False] * 3  # refusals cost nothing
+    assert _takes(store, 6, T0_NS + 10 * NS, 2) == [True, False]  # one interval, one request
+    later = T0_NS + 10 * NS + 60 * NS  # a quiet minute: the whole allowance, and no more
+    assert _takes(store, 6, later, 8) == [True] * 6 + [False] * 2
+    assert store.take_rate(RATE_KEY, 6, later).retry_after_ns == 10 * NS
+
+
+def test_a_rate_limit_of_zero_is_refused(store: StateStore) -> None:
+    with pytest.raises(ValidationFailed):
+        store.take_rate(RATE_KEY, 0, T0_NS)
+
+
+def test_a_take_the_store_cannot_make_is_unavailable(store: StateStore) -> None:
+    with store._tx(write=True) as cur:
+        cur.execute("DROP TABLE rate_limits")  # a real failure of the store, not a stand-in
+    with pytest.raises(StoreUnavailable):
+        store.take_rate(RATE_KEY, 6, T0_NS)
+
+
+def _reference_bucket(per_minute: int, arrivals: list[int]) -> list[bool]:
+    """The promise, literally: a bucket of ``per_minute`` tokens, one token back every
+    ⌈60 s / per_minute⌉, counted in exact fractions; a request takes a whole token or is
+    refused."""
+    interval = -(-60 * NS // per_minute)
+    tokens, last, out = Fraction(per_minute), arrivals[0], []
+    for at in arrivals:
+        tokens = min(Fraction(per_minute), tokens + Fraction(at - last, interval))
+        last = at
+        out.append(tokens >= 1)
+        if tokens >= 1:
+            tokens -= 1
+    return out
+
+
+@pytest.mark.parametrize("per_minute", [1, 7, 60])
+def test_the_store_agrees_with_a_literal_token_bucket(store: StateStore, per_minute: int) -> None:
+    rng = random.Random(per_minute)
+    interval = 60 * NS // per_minute
+    arrivals, at = [], T0_NS
+    for _ in range(400):  # bursts, near-interval gaps and quiet spells, in time order
+        at += rng.choice([0] * 8 + [1, interval // 3, interval - 1, interval, 3 * interval])
+        arrivals.append(at)
+    got = [store.take_rate(RATE_KEY, per_minute, now).allowed for now in arrivals]
+    assert got == _reference_bucket(per_minute, arrivals)
+    assert 0 < got.count(True) < len(got)
+
+
+def _hammer(store: StateStore, per_minute: int, now_ns: int, allowed: list[int]) -> bool:
+    allowed.append(_takes(store, per_minute, now_ns, 10).count(True))
+    return True
+
+
+def test_16_threads_hammering_one_key_never_exceed_the_limit(backend: BackendSpec) -> None:
+    stores = [open_store(backend) for _ in range(THREADS)]
+    allowed: list[int] = []
+    _race([functools.partial(_hammer, s, 25, T0_NS, allowed) for s in stores])
+    assert sum(allowed) == 25  # of 160
+    again: list[int] = []
+    _race([functools.partial(_hammer, s, 25, T0_NS + 60 * NS // 25, again) for s in stores])
+    assert sum(again) == 1
+
+
+def _hammer_from_4_threads(own: StateStore, per_minute: int, now_ns: int) -> int:
+    allowed: list[int] = []
+    _race([functools.partial(_hammer, own, per_minute, now_ns, allowed)] * 4)
+    return sum(allowed)
+
+
+def test_4_processes_of_4_threads_hammering_one_key_never_exceed_the_limit(
+    backend: BackendSpec, workers: Workers,
+) -> None:
+    open_store(backend)  # the schema exists before the race
+    assert sum(workers.race(_hammer_from_4_threads, backend, 25, T0_NS)) == 25  # of 160
+    step = T0_NS + 60 * NS // 25  # one interval later: exactly one more, to one of them
+    assert sum(workers.race(_hammer_from_4_threads, backend, 25, step)) == 1
+    full = step + 60 * NS
+    assert sum(workers.race(_hammer_from_4_threads, backend, 25, full)) == 25
+
+
+def test_a_postgres_take_does_not_queue_behind_the_write_lock(postgres_url: str) -> None:
+    state = PostgresStateStore(postgres_url, max_size=2, timeout=2)
+    _OPENED.append(state)
+    with state._tx(write=True):  # another writer holds the global lock (a budget charge)
+        assert state.take_rate(RATE_KEY, 6, T0_NS).allowed
