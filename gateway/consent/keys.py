@@ -64,7 +64,6 @@ _B64URL_VALUE = {
 }
 # The last character of 2 (3) leftover characters carries 4 (2) bits beyond the data.
 _UNUSED_BITS = {2: 0x0F, 3: 0x03}
-_TO_STANDARD = str.maketrans("-_", "+/")
 # RFC 7638 §3.2: the required members of each key type, in lexicographic order.
 _THUMBPRINT_MEMBERS: dict[str, tuple[str, ...]] = {
     "OKP": ("crv", "kty", "x"),  # RFC 8037 §2
@@ -96,7 +95,8 @@ def b64url_decode(segment: str) -> bytes:
     if tail and _B64URL_VALUE[segment[-1]] & _UNUSED_BITS[tail]:
         raise ValueError("non-canonical base64url")
     try:
-        return binascii.a2b_base64(segment.translate(_TO_STANDARD) + "=" * (-tail % 4))
+        standard = segment.replace("-", "+").replace("_", "/")
+        return binascii.a2b_base64(standard + "=" * (-tail % 4))
     except (binascii.Error, ValueError) as exc:
         raise ValueError("not unpadded base64url") from exc
 
