@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
-from typing import Any
+from typing import Any, TypeVar, cast
 
 from sqlglot import exp
 
@@ -75,6 +75,7 @@ __all__ = [
     "published_disclosure",
 ]
 
+_T = TypeVar("_T")
 _CHINA = timezone(timedelta(hours=8))
 # Derived boxes one request may count and check (two statements per level, two levels).
 MAX_DERIVED_PER_REQUEST = 256
@@ -178,7 +179,7 @@ class DisclosureControl:
         self.store = store
         self.clock = clock
         self.sampler = Sampler()
-        self._plans: dict[str, NoisyPlan] = {}
+        self._plans: dict[str, Any] = {}
         self._lock = threading.Lock()
         # Check and remember under one lock in this process (see docs: across processes the
         # later of two concurrent near-identical releases is not guaranteed to see the first).
@@ -187,18 +188,24 @@ class DisclosureControl:
         self._known_cache: dict[tuple[str, str], _Known] = {}
 
     # -- noise templates ----------------------------------------------------------------
-    def _plan(self, query: AggregateQuery, spec: NoiseSpec) -> NoisyPlan:
-        """Calibrated once per template (query shape and noise obligation)."""
-        key = json.dumps([query.model_dump(mode="json", include={"dataset", "dimensions",
-                                                                 "measures", "filters"}),
-                          spec.published()], sort_keys=True)
-        plan = self._plans.get(key)
-        if plan is None:
-            plan = noisy_plan(query, self.catalog, spec)
+    def template(self, key: Any, build: Callable[[], _T]) -> _T:
+        """A noise template (bounded statement and calibrated scales), built once per query
+        shape and noise obligation (``key``, JSON-able) and cached; a query then only samples."""
+        text = json.dumps(key, sort_keys=True, default=str)
+        found = self._plans.get(text)
+        if found is None:
+            found = build()
             if len(self._plans) >= 1024:
                 self._plans.clear()
-            self._plans[key] = plan
-        return plan
+            self._plans[text] = found
+        return cast("_T", found)
+
+    def _plan(self, query: AggregateQuery, spec: NoiseSpec) -> NoisyPlan:
+        """Calibrated once per template (query shape and noise obligation)."""
+        return self.template(
+            [query.model_dump(mode="json", include={"dataset", "dimensions", "measures",
+                                                    "filters"}), spec.published()],
+            lambda: noisy_plan(query, self.catalog, spec))
 
     # -- the whole path ----------------------------------------------------------------
     def release(
@@ -249,14 +256,8 @@ class DisclosureControl:
                                       "rounding": options.rounding, "noise": None, "budget": None}
             spent: float | None = None
             if plan is not None:
-                table_key = _answer_key(data_version, query.dataset, "table",
-                                        [[s.name, s.bounds or plan.spec.max_records]
-                                         for s in plan.series],
-                                        normalize(box_of_cell(query.filters, [], []), domains),
-                                        "")
                 result, report["budget"], spent = self._add_noise(
-                    plan, result, noisy_rows, n_dims, data_version, query.dataset, options,
-                    grant_id, table_key)
+                    plan, result, noisy_rows, n_dims, data_version, query, options, grant_id)
                 report["noise"] = plan.published()
             result = self._round(result, compiled, n_dims, options.rounding)
             gone = _withheld_rows(result, len(compiled.measures))
@@ -514,7 +515,7 @@ class DisclosureControl:
 
     def noisy_answers(
         self, cells: NoisyCells, *, data_version: str, dataset: str,
-        options: DisclosureOptions, grant_id: str | None, table_key: str,
+        options: DisclosureOptions, grant_id: str | None,
     ) -> NoisyAnswers:
         """The noisy answer of every series of every cell (and of ``cells.totals``): stored
         ones as stored, sums of a stored finer table free, fresh samples otherwise, paid from
@@ -524,6 +525,16 @@ class DisclosureControl:
         assert options.budget_epsilon is not None  # noqa: S101 - checked with the options
         n_cells = len(cells.groups)
         covers = [*cells.covers, *cells.totals]
+        found = self.catalog.dataset(dataset)
+        if found is None:
+            raise QueryRejected(f"unknown dataset {dataset}")
+        # The table these cells make up: its filters (normalized) and series, whatever the
+        # dimensions (a coarser table with the same key can be summed from it).
+        table_key = _answer_key(
+            data_version, dataset, "table",
+            [[s.name, s.bounds or cells.spec.max_records] for s in cells.series],
+            normalize(box_of_cell(cells.filters, [], []),
+                      self._domains(data_version, dataset, found)), "")
         # Every cell gets its answer, withheld ones too (paid by the same ε: the cells are
         # disjoint), so that sub-totals can later be summed from this table.
         key_of: dict[tuple[int, str], str] = {
@@ -588,22 +599,22 @@ class DisclosureControl:
 
     def _add_noise(
         self, plan: NoisyPlan, result: DisclosedResult, noisy_rows: Sequence[Sequence[Any]],
-        n_dims: int, data_version: str, dataset: str, options: DisclosureOptions,
-        grant_id: str | None, table_key: str,
+        n_dims: int, data_version: str, query: AggregateQuery, options: DisclosureOptions,
+        grant_id: str | None,
     ) -> tuple[DisclosedResult, dict[str, Any], float]:
         n_rows = len(result.rows)
         gone = _withheld_rows(result, len(plan.measures))
         got = self.noisy_answers(
             NoisyCells(
                 series=plan.series, scales=plan.scales, spec=plan.spec, epsilon=plan.epsilon,
-                dimensions=plan.dimensions,
+                dimensions=plan.dimensions, filters=query.filters,
                 groups=[noisy_rows[r][:n_dims] for r in range(n_rows)],
                 covers=[(noisy_rows[r][n_dims + 2], noisy_rows[r][n_dims + 1])
                         for r in range(n_rows)],
                 exact=[[to_units(noisy_rows[r][n_dims + 3 + j], s.kind)
                         for j, s in enumerate(plan.series)] for r in range(n_rows)]),
-            data_version=data_version, dataset=dataset, options=options, grant_id=grant_id,
-            table_key=table_key)
+            data_version=data_version, dataset=query.dataset, options=options,
+            grant_id=grant_id)
         rows = [list(r) for r in result.rows]
         for r in range(n_rows):
             if r in gone:
@@ -656,6 +667,7 @@ class NoisyCells:
     spec: NoiseSpec
     epsilon: float  # charged when any answer is new
     dimensions: tuple[str, ...]
+    filters: Mapping[str, Sequence[Any]]  # the query's, over every cell
     groups: Sequence[Sequence[Any]]
     covers: Sequence[tuple[Any, Any]]
     exact: Sequence[Sequence[int]]
