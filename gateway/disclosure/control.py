@@ -10,6 +10,8 @@ the policy's allow and the response (docs/disclosure.md).
 6. remember what each released cell covered.
 
 Every threshold comes from the policy's obligations (``Obligations.disclosure``, ``noise``).
+Pricing, which computes its figures itself, takes steps 2 and 6 (:meth:`cell_release`) and
+step 4 (:meth:`noisy_answers`) from here too.
 """
 
 from __future__ import annotations

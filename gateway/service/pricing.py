@@ -4,8 +4,9 @@ One policy decision (a ``query.aggregate`` over ``person_years`` summing the fie
 rule reads), one SQL statement (:mod:`gateway.pricing.sql`: the benefit rule applied by DuckDB
 to every person-year, one row of figures per cell and one overall, fetched through Arrow),
 the pure core of :mod:`gateway.pricing` for each cell's figures and limit checks, disclosure
-control on every figure, one audit entry (``pricing.simulate``) whatever the outcome. See
-``docs/pricing.md``.
+control on every figure — and, when the grant asks, noise on the additive bases, the privacy
+budget and rounding through the aggregate's path (``DisclosureControl.noisy_answers``) — one
+audit entry (``pricing.simulate``) whatever the outcome. See ``docs/pricing.md``.
 """
 
 from __future__ import annotations
