@@ -218,3 +218,26 @@ def test_a_payout_bound_needs_the_person_years_dataset(env: Env) -> None:
     response = env.client.post("/v1/grants", json=grant, headers=env.headers("admin"))
     assert response.status_code == 422
     assert "payout" in str(response.json()["error"])
+
+
+def test_gaussian_noise_with_rounding(make: Any, loaded_store: LoadedStore) -> None:
+    """The grant's other mechanism and rounding: discrete Gaussian (ρ-zCDP from ε, δ), and
+    released counts on multiples of 5 after noise."""
+    grant = _grant(1.0, 2.0, rounding=5)
+    grant["noise"] = {**grant["noise"], "mechanism": "gaussian", "delta": 1e-6}
+    env = make(grant)
+    response = env.client.post(URL, json={"products": [BASIC], "dimensions": ["gend"],
+                                          "year": 2024}, headers=env.headers("insurer"))
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["disclosure"]["noise"]["mechanism"] == "gaussian"
+    assert body["disclosure"]["budget"]["epsilon_charged"] == 1.0
+    assert any("rounded to multiples of 5" in n for n in body["notes"])
+    product = body["products"][0]
+    for cell in [*product["cells"], product["overall"]]:
+        assert cell["person_years"] % 5 == 0
+        if cell["claimants"] is not None:
+            assert cell["claimants"] % 5 == 0
+    rows, _, _, payout = _clipped_truth(loaded_store, BASIC, PAYOUT_BOUND)
+    assert product["overall"]["total_payout"] != pytest.approx(payout, abs=0.01)
+    assert abs(product["overall"]["person_years"] - rows) < 200
