@@ -171,6 +171,7 @@ def test_budget_charged_once_repeat_free_then_429(make: Any, loaded_store: Loade
     entry = env.gateway.audit.get(int(refused.headers["Audit-Index"]))
     assert (entry.action, entry.status, entry.decision, entry.error_code) == (
         "pricing.simulate", 429, "deny", "budget_exhausted")
+    assert "ε 0 remaining, this release needs ε 1" in entry.reasons[0]
     # What was answered before is still answered, free.
     after = env.client.post(URL, json=body, headers=headers).json()
     assert after["products"] == got["products"]
