@@ -10,6 +10,8 @@ the policy's allow and the response (docs/disclosure.md).
 6. remember what each released cell covered.
 
 Every threshold comes from the policy's obligations (``Obligations.disclosure``, ``noise``).
+Pricing, which computes its figures itself, takes steps 2 and 6 (:meth:`cell_release`) and
+step 4 (:meth:`noisy_answers`) from here too.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
-from typing import Any
+from typing import Any, TypeVar, cast
 
 from sqlglot import exp
 
@@ -50,6 +52,7 @@ from gateway.disclosure.noise import (
     NoiseSpec,
     NoisyPlan,
     Sampler,
+    Series,
     noisy_plan,
     round_count,
     to_units,
@@ -67,11 +70,14 @@ from gateway.state.store import StateStore
 __all__ = [
     "DisclosureControl",
     "DisclosureOptions",
+    "NoisyAnswers",
+    "NoisyCells",
     "Released",
     "budget_period",
     "published_disclosure",
 ]
 
+_T = TypeVar("_T")
 _CHINA = timezone(timedelta(hours=8))
 # Derived boxes one request may count and check (two statements per level, two levels).
 MAX_DERIVED_PER_REQUEST = 256
@@ -175,7 +181,7 @@ class DisclosureControl:
         self.store = store
         self.clock = clock
         self.sampler = Sampler()
-        self._plans: dict[str, NoisyPlan] = {}
+        self._plans: dict[str, Any] = {}
         self._lock = threading.Lock()
         # Check and remember under one lock in this process (see docs: across processes the
         # later of two concurrent near-identical releases is not guaranteed to see the first).
@@ -184,18 +190,24 @@ class DisclosureControl:
         self._known_cache: dict[tuple[str, str], _Known] = {}
 
     # -- noise templates ----------------------------------------------------------------
-    def _plan(self, query: AggregateQuery, spec: NoiseSpec) -> NoisyPlan:
-        """Calibrated once per template (query shape and noise obligation)."""
-        key = json.dumps([query.model_dump(mode="json", include={"dataset", "dimensions",
-                                                                 "measures", "filters"}),
-                          spec.published()], sort_keys=True)
-        plan = self._plans.get(key)
-        if plan is None:
-            plan = noisy_plan(query, self.catalog, spec)
+    def template(self, key: Any, build: Callable[[], _T]) -> _T:
+        """A noise template (bounded statement and calibrated scales), built once per query
+        shape and noise obligation (``key``, JSON-able) and cached; a query then only samples."""
+        text = json.dumps(key, sort_keys=True, default=str)
+        found = self._plans.get(text)
+        if found is None:
+            found = build()
             if len(self._plans) >= 1024:
                 self._plans.clear()
-            self._plans[key] = plan
-        return plan
+            self._plans[text] = found
+        return cast("_T", found)
+
+    def _plan(self, query: AggregateQuery, spec: NoiseSpec) -> NoisyPlan:
+        """Calibrated once per template (query shape and noise obligation)."""
+        return self.template(
+            [query.model_dump(mode="json", include={"dataset", "dimensions", "measures",
+                                                    "filters"}), spec.published()],
+            lambda: noisy_plan(query, self.catalog, spec))
 
     # -- the whole path ----------------------------------------------------------------
     def release(
@@ -246,14 +258,8 @@ class DisclosureControl:
                                       "rounding": options.rounding, "noise": None, "budget": None}
             spent: float | None = None
             if plan is not None:
-                table_key = _answer_key(data_version, query.dataset, "table",
-                                        [[s.name, s.bounds or plan.spec.max_records]
-                                         for s in plan.series],
-                                        normalize(box_of_cell(query.filters, [], []), domains),
-                                        "")
                 result, report["budget"], spent = self._add_noise(
-                    plan, result, noisy_rows, n_dims, data_version, query.dataset, options,
-                    grant_id, table_key)
+                    plan, result, noisy_rows, n_dims, data_version, query, options, grant_id)
                 report["noise"] = plan.published()
             result = self._round(result, compiled, n_dims, options.rounding)
             gone = _withheld_rows(result, len(compiled.measures))
@@ -481,14 +487,14 @@ class DisclosureControl:
         return tuple(out)
 
     def _subtotals(
-        self, table_key: str, plan: NoisyPlan, noisy_rows: Sequence[Sequence[Any]],
-        n_dims: int, missing: Sequence[tuple[int, str]], key_of: Mapping[tuple[int, str], str],
+        self, table_key: str, dimensions: Sequence[str], groups: Sequence[Sequence[Any]],
+        missing: Sequence[tuple[int, str]], key_of: Mapping[tuple[int, str], str],
     ) -> dict[str, int]:
         """Answers of cells that a stored finer table (same filters and series, more
         dimensions) adds up to: the sum of its stored noisy cells, free and consistent."""
         if not missing:
             return {}
-        mine = list(plan.dimensions)
+        mine = list(dimensions)
         for dims, cells in self.state.stored_tables(table_key):
             if not set(mine) < set(dims):
                 continue
@@ -504,72 +510,77 @@ class DisclosureControl:
                     sums[(projected, name)] = sums.get((projected, name), 0) + values[key]
             free: dict[str, int] = {}
             for r, name in missing:
-                projected = json.dumps(list(noisy_rows[r][:n_dims]), default=str)
+                projected = json.dumps(list(groups[r]), default=str)
                 free[key_of[(r, name)]] = sums.get((projected, name), 0)
             return free
         return {}
 
-    def _add_noise(
-        self, plan: NoisyPlan, result: DisclosedResult, noisy_rows: Sequence[Sequence[Any]],
-        n_dims: int, data_version: str, dataset: str, options: DisclosureOptions,
-        grant_id: str | None, table_key: str,
-    ) -> tuple[DisclosedResult, dict[str, Any], float]:
+    def noisy_answers(
+        self, cells: NoisyCells, *, data_version: str, dataset: str,
+        options: DisclosureOptions, grant_id: str | None,
+    ) -> NoisyAnswers:
+        """The noisy answer of every series of every cell (and of ``cells.totals``): stored
+        ones as stored, sums of a stored finer table free, fresh samples otherwise, paid from
+        the grant's and the data version's budgets in one transaction before anything is
+        released (:class:`~gateway.errors.BudgetExhausted` → 429, nothing written). The
+        one noise-and-ledger path of every noisy endpoint (aggregates, pricing)."""
         assert options.budget_epsilon is not None  # noqa: S101 - checked with the options
-        n_measures = len(plan.measures)
-        n_rows = len(result.rows)
-        gone = _withheld_rows(result, n_measures)
-        live = [r for r in range(n_rows) if r not in gone]
+        n_cells = len(cells.groups)
+        covers = [*cells.covers, *cells.totals]
+        found = self.catalog.dataset(dataset)
+        if found is None:
+            raise QueryRejected(f"unknown dataset {dataset}")
+        # The table these cells make up: its filters (normalized) and series, whatever the
+        # dimensions (a coarser table with the same key can be summed from it).
+        table_key = _answer_key(
+            data_version, dataset, "table",
+            [[s.name, s.bounds or cells.spec.max_records] for s in cells.series],
+            normalize(box_of_cell(cells.filters, [], []),
+                      self._domains(data_version, dataset, found)), "")
         # Every cell gets its answer, withheld ones too (paid by the same ε: the cells are
         # disjoint), so that sub-totals can later be summed from this table.
-        key_of: dict[tuple[int, str], str] = {}
-        for series in plan.series:
-            for r in range(n_rows):
-                row = noisy_rows[r]
-                key_of[(r, series.name)] = _answer_key(
-                    data_version, dataset, series.name, series.bounds or plan.spec.max_records,
-                    row[n_dims + 2], row[n_dims + 1])
+        key_of: dict[tuple[int, str], str] = {
+            (r, s.name): _answer_key(data_version, dataset, s.name,
+                                     s.bounds or cells.spec.max_records, fingerprint, records)
+            for s in cells.series for r, (fingerprint, records) in enumerate(covers)
+        }
         stored = self.state.stored_answers(sorted(set(key_of.values())))
-        missing = [rk for rk, key in key_of.items() if key not in stored]
-        free = self._subtotals(table_key, plan, noisy_rows, n_dims, missing, key_of)
+        missing = [rk for rk, key in key_of.items() if key not in stored and rk[0] < n_cells]
+        free = self._subtotals(table_key, cells.dimensions, cells.groups, missing, key_of)
+        from_finer = len(free)
+        todo = {rk for rk in missing if key_of[rk] not in free}
         fresh: dict[str, int] = {}
-        for j, series in enumerate(plan.series):
-            rows_needed = [r for r in range(n_rows) if (r, series.name) in missing
-                           and key_of[(r, series.name)] not in free]
-            exact = [to_units(noisy_rows[r][n_dims + 3 + j], series.kind) for r in rows_needed]
-            sampled = self.sampler.add(plan.spec.mechanism, plan.scales[j], exact)
+        for j, series in enumerate(cells.series):
+            rows_needed = [r for r in range(n_cells) if (r, series.name) in todo]
+            sampled = self.sampler.add(cells.spec.mechanism, cells.scales[j],
+                                       [cells.exact[r][j] for r in rows_needed])
             for r, value in zip(rows_needed, sampled, strict=True):
                 fresh[key_of[(r, series.name)]] = value
+        # A total over the cells not answered before is the sum of their answers: free.
+        known = {**stored, **free, **fresh}
+        for t in range(n_cells, len(covers)):
+            for series in cells.series:
+                key = key_of[(t, series.name)]
+                if key not in known:
+                    free[key] = known[key] = sum(known[key_of[(r, series.name)]]
+                                                 for r in range(n_cells))
         now = self.clock()
         gid = grant_id or "none"
         period = budget_period(options.budget_period or "month", now, gid)
         charges = [
-            BudgetCharge(f"grant:{gid}", period, round(plan.epsilon * MICRO),
+            BudgetCharge(f"grant:{gid}", period, round(cells.epsilon * MICRO),
                          round(options.budget_epsilon * MICRO)),
             BudgetCharge(f"dataset:{data_version}:{dataset}", "all",
-                         round(plan.epsilon * MICRO),
+                         round(cells.epsilon * MICRO),
                          round((options.dataset_epsilon_cap or 0) * MICRO)),
         ]
         spent = (self.state.spend_and_store(fresh, charges, now_ns=int(now * 1e9), free=free)
                  if fresh or free else None)
         answers = {**stored, **(spent.answers if spent else {})}
         self.state.store_table(
-            table_key, plan.dimensions,
-            [[list(noisy_rows[r][:n_dims]), {s.name: key_of[(r, s.name)] for s in plan.series}]
-             for r in range(n_rows)], now_ns=int(now * 1e9))
-        rows = [list(r) for r in result.rows]
-        for r in live:
-            for i, m in enumerate(plan.measures):
-                if rows[r][n_dims + i] is None:
-                    continue  # withheld (dominance): stays withheld
-                if m.fn in ("count_persons", "count"):
-                    rows[r][n_dims + i] = max(answers[key_of[(r, m.alias)]], 0)
-                    continue
-                total = answers[key_of[(r, f"_nsum_{m.field}")]] / 100
-                if m.fn == "sum":
-                    rows[r][n_dims + i] = round(total, 2)
-                else:
-                    count = max(answers[key_of[(r, f"_ncnt_{m.field}")]], 1)
-                    rows[r][n_dims + i] = round(total / count, 2)
+            table_key, cells.dimensions,
+            [[list(cells.groups[r]), {s.name: key_of[(r, s.name)] for s in cells.series}]
+             for r in range(n_cells)], now_ns=int(now * 1e9))
         charged = (spent.charged_micro / MICRO) if spent else 0.0
         remaining = spent.remaining_micro if spent else {}
         grant_left = remaining.get(f"grant:{gid}")
@@ -582,12 +593,51 @@ class DisclosureControl:
             "grant_epsilon": options.budget_epsilon,
             "grant_remaining": grant_left / MICRO,
             "answers_reused": charged == 0,
-            "from_finer_table": len(free),
+            "from_finer_table": from_finer,
         }
+        values = [[answers[key_of[(r, s.name)]] for s in cells.series]
+                  for r in range(len(covers))]
+        return NoisyAnswers(values, budget, charged)
+
+    def _add_noise(
+        self, plan: NoisyPlan, result: DisclosedResult, noisy_rows: Sequence[Sequence[Any]],
+        n_dims: int, data_version: str, query: AggregateQuery, options: DisclosureOptions,
+        grant_id: str | None,
+    ) -> tuple[DisclosedResult, dict[str, Any], float]:
+        n_rows = len(result.rows)
+        gone = _withheld_rows(result, len(plan.measures))
+        got = self.noisy_answers(
+            NoisyCells(
+                series=plan.series, scales=plan.scales, spec=plan.spec, epsilon=plan.epsilon,
+                dimensions=plan.dimensions, filters=query.filters,
+                groups=[noisy_rows[r][:n_dims] for r in range(n_rows)],
+                covers=[(noisy_rows[r][n_dims + 2], noisy_rows[r][n_dims + 1])
+                        for r in range(n_rows)],
+                exact=[[to_units(noisy_rows[r][n_dims + 3 + j], s.kind)
+                        for j, s in enumerate(plan.series)] for r in range(n_rows)]),
+            data_version=data_version, dataset=query.dataset, options=options,
+            grant_id=grant_id)
+        rows = [list(r) for r in result.rows]
+        for r in range(n_rows):
+            if r in gone:
+                continue
+            answer = dict(zip([s.name for s in plan.series], got.values[r], strict=True))
+            for i, m in enumerate(plan.measures):
+                if rows[r][n_dims + i] is None:
+                    continue  # withheld (dominance): stays withheld
+                if m.fn in ("count_persons", "count"):
+                    rows[r][n_dims + i] = max(answer[m.alias], 0)
+                    continue
+                total = answer[f"_nsum_{m.field}"] / 100
+                if m.fn == "sum":
+                    rows[r][n_dims + i] = round(total, 2)
+                else:
+                    count = max(answer[f"_ncnt_{m.field}"], 1)
+                    rows[r][n_dims + i] = round(total / count, 2)
         notes = [*result.notes,
                  f"noise: {plan.spec.mechanism}, ε = {plan.epsilon} per query over person-years "
                  "(bounds in disclosure.noise); an answer asked again is the stored one, free"]
-        return replace(result, rows=rows, notes=notes), budget, charged
+        return replace(result, rows=rows, notes=notes), got.budget, got.charged
 
     # -- step 5 ---------------------------------------------------------------------------
     @staticmethod
@@ -605,6 +655,32 @@ class DisclosureControl:
                     row[c] = round_count(int(row[c]), step)
         return replace(result, rows=rows,
                        notes=[*result.notes, f"counts rounded to multiples of {step}"])
+
+
+@dataclass(frozen=True)
+class NoisyCells:
+    """One noisy release, as the ledger sees it: per cell its group values, what it covers
+    (record fingerprint, record count) and the exact bounded value of each series in integer
+    units (cents for amounts); ``totals`` cover margins over all the cells (an ``overall``
+    row), answered as the sum of the cells' answers unless answered before."""
+
+    series: tuple[Series, ...]
+    scales: tuple[float, ...]
+    spec: NoiseSpec
+    epsilon: float  # charged when any answer is new
+    dimensions: tuple[str, ...]
+    filters: Mapping[str, Sequence[Any]]  # the query's, over every cell
+    groups: Sequence[Sequence[Any]]
+    covers: Sequence[tuple[Any, Any]]
+    exact: Sequence[Sequence[int]]
+    totals: Sequence[tuple[Any, Any]] = ()
+
+
+@dataclass(frozen=True)
+class NoisyAnswers:
+    values: list[list[int]]  # per cell, then per total: one answer per series
+    budget: dict[str, Any]  # the response's ``disclosure.budget``
+    charged: float  # ε charged by this release (0: every answer was stored)
 
 
 @dataclass(frozen=True)

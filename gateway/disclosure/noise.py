@@ -38,6 +38,8 @@ __all__ = [
     "NoiseSpec",
     "NoisyPlan",
     "Sampler",
+    "Series",
+    "calibrate",
     "noisy_plan",
     "round_count",
 ]
@@ -167,6 +169,24 @@ class NoisyPlan:
                                                                  strict=True)}}
 
 
+def calibrate(series: Sequence[Series], spec: NoiseSpec, cells: int = 1) -> tuple[float, ...]:
+    """The noise scale of each series: ε of one query shared evenly by the series, each
+    person-year reaching ``cells`` cells. Laplace: Δ₁ · cells / share; Gaussian: ρ-zCDP with
+    ρ + 2√(ρ ln 1/δ) = share and σ = Δ₂ √cells / √(2ρ).
+
+    >>> calibrate([Series("n", "n", "count", 1), Series("s", "s", "amount", 100)],
+    ...           NoiseSpec("laplace", 1.0))
+    (2.0, 200.0)
+    """
+    if not series:
+        return ()
+    share = spec.epsilon / len(series)
+    if spec.mechanism == "laplace":
+        return tuple(s.sensitivity * cells / share for s in series)
+    rho = _rho_for(share, spec.delta)
+    return tuple(s.sensitivity * math.sqrt(cells) / math.sqrt(2 * rho) for s in series)
+
+
 def _literal(dataset: Dataset, name: str, value: str | int) -> exp.Expr:
     if dataset.dimensions[name].type is FieldType.INTEGER:
         try:
@@ -228,14 +248,7 @@ def noisy_plan(query: AggregateQuery, catalog: Catalog, spec: NoiseSpec) -> Nois
             if m.fn == "mean":
                 series.append(Series(f"_ncnt_{m.field}", m.output, "count",
                                      1 if per_year else spec.max_records))
-    share = spec.epsilon / len(series)
-    scales: list[float] = []
-    for s in series:
-        if spec.mechanism == "laplace":
-            scales.append(s.sensitivity * cells / share)
-        else:
-            rho = _rho_for(share, spec.delta)
-            scales.append(s.sensitivity * math.sqrt(cells) / math.sqrt(2 * rho))
+    scales = calibrate(series, spec, cells)
 
     dims = [exp.column(d) for d in query.dimensions]
     person = exp.column(dataset.person_key)
@@ -332,7 +345,7 @@ def noisy_plan(query: AggregateQuery, catalog: Catalog, spec: NoiseSpec) -> Nois
         tree = tree.group_by(*[d.copy() for d in dims]).order_by(*[d.copy() for d in dims])
     epsilon = spec.epsilon
     return NoisyPlan(
-        sql=tree.sql(dialect="duckdb"), series=tuple(series), scales=tuple(scales),
+        sql=tree.sql(dialect="duckdb"), series=tuple(series), scales=scales,
         cells_per_person_year=cells, epsilon=epsilon, spec=spec,
         dimensions=tuple(query.dimensions), measures=tuple(query.measures),
         guards=tuple(lo for _, lo in guards),

@@ -30,11 +30,14 @@ from dataclasses import dataclass
 from sqlglot import exp
 
 from gateway.catalog import Dataset, FieldType
+from gateway.disclosure.noise import FINGERPRINT_COLUMN, RECORDS_COLUMN
 from gateway.errors import QueryRejected
 from gateway.pricing.product import Product
 
 __all__ = [
     "BENEFIT_FIELDS",
+    "PAYOUT_BOUND",
+    "Clips",
     "PricingColumns",
     "in_list_selfpay_sql",
     "one_row_per_person",
@@ -47,8 +50,21 @@ __all__ = [
 # What the benefit rule reads and the exposure it is priced over.
 BENEFIT_FIELDS = ("inscp_scp_amt", "hifp_pay", "hifmi_pay", "fulamt_ownpay_amt",
                   "overlmt_selfpay", "exposure")
+# The name of a grant's per person-year payout bound among its noise ``bounds``.
+PAYOUT_BOUND = "payout"
 _PERSON = "_psn"
 _GROUPING = "_all_cells"
+_ROW_HASH = "_rh"
+
+
+@dataclass(frozen=True)
+class Clips:
+    """Per person-year contribution bounds of the noisy statement (published with the
+    answer): each product's payout clipped at its bound, the exposure clamped into
+    ``exposure``."""
+
+    payouts: tuple[float, ...]  # one per product, 元
+    exposure: tuple[int, int]  # person-years
 
 
 def _number(value: float) -> exp.Expr:
@@ -119,6 +135,7 @@ class PricingColumns:
     dimensions: tuple[str, ...]
     products: int
     points: tuple[float, ...]
+    bounded: bool = False  # with the noisy statement's record count and fingerprint
 
     @property
     def grouping(self) -> str:
@@ -126,6 +143,8 @@ class PricingColumns:
 
     def names(self) -> list[str]:
         names = [*self.dimensions, _GROUPING, "persons", "person_years", "exposure"]
+        if self.bounded:
+            names += [RECORDS_COLUMN, FINGERPRINT_COLUMN]
         for j in range(self.products):
             names += [f"claimants_{j}", f"claimant_persons_{j}", f"total_{j}", f"top1_{j}",
                       f"top2_{j}"]
@@ -179,9 +198,12 @@ def payout_rows(
     dimensions: Sequence[str],
     filters: dict[str, list[str]],
     products: Sequence[Product],
+    clips: Clips | None = None,
 ) -> exp.Select:
     """Per person-year: the dimensions, the person (``_psn``), the exposure (``_exposure``) and
-    each product's payout (``_pay_0``, ``_pay_1``, …), over the rows the filters select."""
+    each product's payout (``_pay_0``, ``_pay_1``, …), over the rows the filters select.
+    With ``clips`` (noise), each is clipped to its bound and a hash of the row (``_rh``) is
+    carried for the fingerprint of what a cell covers."""
     for name in [*dimensions, *filters]:
         if name not in dataset.dimensions:
             raise QueryRejected(f"{name} is not a dimension of {dataset.table}")
@@ -189,20 +211,30 @@ def payout_rows(
         if name not in dataset.measures:
             raise QueryRejected(f"{name} is not a measure of {dataset.table}")
     dims = [exp.column(d) for d in dimensions]
+    exposure = _amount("exposure")
+    pays = [payout_sql(exp.column("_in"), exp.column("_out"), p) for p in products]
+    hashed: list[exp.Expr] = []
+    if clips is not None:
+        lo, hi = clips.exposure
+        exposure = _least(_greatest(exposure, exp.Literal.number(lo)), exp.Literal.number(hi))
+        pays = [_least(pay, _number(bound)) for pay, bound in
+                zip(pays, clips.payouts, strict=True)]
+        hashed = [exp.func("HASH", exp.column("rowid")).as_(_ROW_HASH)]
     base = exp.select(
         *[d.copy() for d in dims],
         exp.column(dataset.person_key).as_(_PERSON),
-        _amount("exposure").as_("_exposure"),
+        exposure.as_("_exposure"),
         in_list_selfpay_sql().as_("_in"),
         out_of_list_sql().as_("_out"),
+        *hashed,
     ).from_(exp.to_table(dataset.table))
     for name, values in sorted(filters.items()):
         base = base.where(exp.In(this=exp.column(name),
                                  expressions=[_literal(dataset, name, v) for v in values]))
     return exp.select(
         *[d.copy() for d in dims], exp.column(_PERSON), exp.column("_exposure"),
-        *[payout_sql(exp.column("_in"), exp.column("_out"), p).as_(f"_pay_{j}")
-          for j, p in enumerate(products)],
+        *[pay.as_(f"_pay_{j}") for j, pay in enumerate(pays)],
+        *([exp.column(_ROW_HASH)] if hashed else []),
     ).from_(base.subquery("_base"))
 
 
@@ -212,8 +244,13 @@ def pricing_statement(
     filters: dict[str, list[str]],
     products: Sequence[Product],
     points: Sequence[float],
+    clips: Clips | None = None,
 ) -> tuple[exp.Query, PricingColumns]:
     """The one statement pricing every product over every cell and overall.
+
+    With ``clips`` (the grant asks for noise) every figure is of clipped payouts and exposure
+    (:func:`payout_rows`), and each row also counts its records (``_records``) and fingerprints
+    them (``_fingerprint``, ``BIT_XOR(HASH(rowid))`` as in aggregates), to key stored answers.
 
     Result rows: the cells in dimension order, then the overall row (``_all_cells`` ≠ 0).
     Figures per row (:class:`PricingColumns`): persons, person-years, exposure, and per product
@@ -228,9 +265,9 @@ def pricing_statement(
     """
     dims = [exp.column(d) for d in dimensions]
     zero = exp.Literal.number(0)
-    rows = payout_rows(dataset, dimensions, filters, products)
+    rows = payout_rows(dataset, dimensions, filters, products, clips)
     columns = PricingColumns(dimensions=tuple(dimensions), products=len(products),
-                             points=tuple(points))
+                             points=tuple(points), bounded=clips is not None)
     single = one_row_per_person(filters)
     # person_years has one row per person and year: with the year among the dimensions every
     # row of a cell is a distinct person too; only the overall row needs persons added up.
@@ -241,6 +278,9 @@ def pricing_statement(
         exp.Count(this=exp.Star()).as_("person_years"),
         exp.Sum(this=exp.column("_exposure")).as_("exposure"),
     ]
+    if clips is not None:
+        by_rows += [exp.Count(this=exp.Star()).as_(RECORDS_COLUMN),
+                    exp.func("BIT_XOR", exp.column(_ROW_HASH)).as_(FINGERPRINT_COLUMN)]
     for j in range(len(products)):
         pay = exp.column(f"_pay_{j}")
         by_rows += [

@@ -386,6 +386,17 @@ class Gateway:
                               details={"audit_id": audit_id})
         return decision.obligations
 
+    def record_failure(self, principal: Principal, action: str, exc: GatewayError,
+                       common: dict[str, Any]) -> int:
+        """Audit a query that failed after its policy decision: an exhausted budget is a
+        refusal (429, its audit index in the error), anything else an error."""
+        audit_id = self.record(principal, action, status=exc.status,
+                               decision="deny" if exc.status == 429 else "error",
+                               error_code=exc.code, reasons=[exc.message], **common)
+        if isinstance(exc, BudgetExhausted):
+            exc.details["audit_id"] = audit_id  # the Audit-Index of the refusal
+        return audit_id
+
     def magnitude_rules(self, grant_id: str | None) -> tuple[Decimal, Decimal]:
         """The grant's dominance k and p% p for sums and means (the defaults when unset)."""
         return self._grant_magnitude.get(
@@ -445,11 +456,7 @@ class Gateway:
                 grant_id=common.get("grant_id"), dominance_k=dominance_k, p_percent=p_percent)
             result, data_version = released.result, released.data_version
         except GatewayError as exc:
-            audit_id = self.record(principal, action, status=exc.status,
-                                   decision="deny" if exc.status == 429 else "error",
-                                   error_code=exc.code, reasons=[exc.message], **common)
-            if isinstance(exc, BudgetExhausted):
-                exc.details["audit_id"] = audit_id  # the Audit-Index of the refusal
+            self.record_failure(principal, action, exc, common)
             raise
         body: dict[str, Any] = {
             "columns": result.columns,

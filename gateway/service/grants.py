@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from gateway.catalog import Catalog
 from gateway.errors import ValidationFailed
+from gateway.pricing.sql import PAYOUT_BOUND
 from gateway.state.store import GrantRecord
 
 __all__ = [
@@ -116,8 +117,10 @@ def validate_grant(request: GrantRequest, catalog: Catalog, now: datetime) -> tu
     if request.noise is not None:
         if request.budget is None:
             problems.append("noise needs a budget")
+        # ``payout``: the per person-year payout bound of pricing (docs/pricing.md)
         problems += [f"noise bounds name {f}, which is not a granted measure"
-                     for f in request.noise.bounds if f not in request.measures]
+                     for f in request.noise.bounds if f not in request.measures
+                     and not (f == PAYOUT_BOUND and "person_years" in request.datasets)]
         problems += [f"noise bounds of {f} need lower <= upper"
                      for f, (lo, hi) in request.noise.bounds.items() if lo > hi]
         if request.noise.mechanism == "gaussian" and request.noise.delta is None:

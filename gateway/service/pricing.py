@@ -4,14 +4,18 @@ One policy decision (a ``query.aggregate`` over ``person_years`` summing the fie
 rule reads), one SQL statement (:mod:`gateway.pricing.sql`: the benefit rule applied by DuckDB
 to every person-year, one row of figures per cell and one overall, fetched through Arrow),
 the pure core of :mod:`gateway.pricing` for each cell's figures and limit checks, disclosure
-control on every figure, one audit entry (``pricing.simulate``) whatever the outcome. See
-``docs/pricing.md``.
+control on every figure — and, when the grant asks, noise on the additive bases, the privacy
+budget and rounding through the aggregate's path (``DisclosureControl.noisy_answers``) — one
+audit entry (``pricing.simulate``) whatever the outcome. See ``docs/pricing.md``.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
@@ -20,6 +24,16 @@ import orjson
 
 from gateway.auth.tokens import Principal
 from gateway.disclosure.complementary import MAX_EXACT_CELLS, Table, complementary_suppression
+from gateway.disclosure.control import DisclosureOptions, NoisyCells
+from gateway.disclosure.noise import (
+    FINGERPRINT_COLUMN,
+    RECORDS_COLUMN,
+    NoiseSpec,
+    Series,
+    calibrate,
+    round_count,
+    to_units,
+)
 from gateway.disclosure.rules import CellContribution, magnitude_sensitivity
 from gateway.errors import GatewayError, QueryRejected, StoreUnavailable
 from gateway.pricing import (
@@ -31,7 +45,7 @@ from gateway.pricing import (
     summary_from_totals,
 )
 from gateway.pricing.request import PricingRequest
-from gateway.pricing.sql import BENEFIT_FIELDS, pricing_statement
+from gateway.pricing.sql import BENEFIT_FIELDS, PAYOUT_BOUND, Clips, pricing_statement
 from gateway.service.gateway import Audited, Gateway
 
 __all__ = ["ACTION", "BENEFIT_FIELDS", "DATASET", "simulate"]
@@ -59,11 +73,109 @@ class _Figures:
 
     def count(self, name: str, r: int) -> int:
         value = self.columns[name][r]
-        return 0 if value is None else int(value)
+        return 0 if value is None or value != value else int(value)  # NULL / NaN → 0
 
     def amount(self, name: str, r: int) -> float:
         value = self.columns[name][r]
         return 0.0 if value is None or value != value else float(value)  # NULL / NaN → 0
+
+
+@dataclass(frozen=True)
+class _NoisyPricing:
+    """The noisy form of one pricing template, built once (``DisclosureControl.template``):
+    the statement over clipped person-years, the additive series it noises with their scales,
+    and per series the statement columns it releases (products with equal terms share)."""
+
+    sql: str
+    clips: Clips
+    series: tuple[Series, ...]
+    scales: tuple[float, ...]
+    columns: tuple[tuple[str, ...], ...]
+
+    def published(self, spec: NoiseSpec, names: Sequence[str]) -> dict[str, Any]:
+        return {**spec.published(), "cells_per_person_year": 1,
+                "payout_bounds": dict(zip(names, self.clips.payouts, strict=True)),
+                "exposure_bounds": list(self.clips.exposure),
+                "scales": {c[0]: round(sc, 4) for c, sc in zip(self.columns, self.scales,
+                                                                 strict=True)}}
+
+
+def _terms(product: Product) -> list[float]:
+    """What a product's payouts depend on (not its name, premium, target or tier)."""
+    return [product.deductible, product.ratio_in_list, product.ratio_out_of_list, product.cap]
+
+
+def _noisy_pricing(request: PricingRequest, dataset: Any, filters: dict[str, list[str]],
+                   points: Sequence[float], spec: NoiseSpec) -> _NoisyPricing:
+    """Clip each person-year's payout at the product's cap or, lower, the grant's published
+    ``payout`` bound, and its exposure into the grant's ``exposure`` bounds (default [0, 1],
+    what a person-year is); then one series per additive base — person-years, exposure, and
+    per product claimants, total payout and the amount above each attachment point under
+    the clip — each bounded per person-year, ε shared evenly (``calibrate``)."""
+    granted = spec.bounds.get(PAYOUT_BOUND)
+    clips = Clips(
+        payouts=tuple(p.cap if granted is None else min(p.cap, float(granted[1]))
+                      for p in request.products),
+        exposure=spec.bounds.get("exposure", (0, 1)))
+    tree, _ = pricing_statement(dataset, request.dimensions, filters, request.products, points,
+                                clips)
+    series: dict[str, Series] = {}
+    columns: dict[str, list[str]] = {}
+
+    def add(name: str, column: str, kind: str, bound: float) -> None:
+        # The names match the aggregate series of the same base (``count``, ``_nsum_exposure``),
+        # so both endpoints answer it from one stored answer.
+        hi = math.ceil(bound)
+        if kind == "count":
+            series.setdefault(name, Series(name, column, "count", 1))
+        else:
+            series.setdefault(name, Series(name, column, "amount", 100 * hi, (0, hi)))
+        columns.setdefault(name, []).append(column)
+
+    add("count", "person_years", "count", 1)
+    lo, hi = clips.exposure
+    series["_nsum_exposure"] = Series("_nsum_exposure", "exposure", "amount",
+                                      100 * max(abs(lo), abs(hi)), (lo, hi))
+    columns["_nsum_exposure"] = ["exposure"]
+    for j, (product, bound) in enumerate(zip(request.products, clips.payouts, strict=True)):
+        terms = json.dumps([*_terms(product), bound])
+        add(f"claimants{terms}", f"claimants_{j}", "count", 1)
+        add(f"payout{terms}", f"total_{j}", "amount", bound)
+        for i, a in enumerate(points):
+            if a < bound:  # above the clip the amount is 0 whatever the data: nothing to noise
+                add(f"tail{terms}@{a!r}", f"tail_{j}_{i}", "amount", bound - a)
+    ordered = tuple(series.values())
+    return _NoisyPricing(tree.sql(dialect="duckdb"), clips, ordered, calibrate(ordered, spec),
+                         tuple(tuple(columns[s.name]) for s in ordered))
+
+
+def _released(figures: _Figures, rounding: int, points: Sequence[float],
+              noisy: tuple[_NoisyPricing, Sequence[int], Sequence[Sequence[int]]] | None,
+              ) -> _Figures:
+    """The figures the cells are priced from: the statement's, or with noise its noisy
+    answers (rows ``rows``, one answer per series) — counts at least 0, amounts in 元 at
+    least 0, an amount above an attachment point at most the total payout — with counts
+    rounded to the grant's ``rounding``. Derived figures are computed from these."""
+    if noisy is None and rounding <= 1:
+        return figures
+    counts = ["person_years", *[c for c in figures.columns if c.startswith("claimants_")]]
+    columns = {c: np.array(v, dtype=object) for c, v in figures.columns.items()}
+    if noisy is None:
+        for c in counts:
+            columns[c] = np.array([round_count(figures.count(c, r), rounding)
+                                   for r in range(len(columns[c]))], dtype=object)
+        return _Figures(columns)
+    plan, rows, values = noisy
+    for r, answers in zip(rows, values, strict=True):
+        for s, value, names in zip(plan.series, answers, plan.columns, strict=True):
+            for c in names:
+                columns[c][r] = (round_count(value, rounding) if s.kind == "count"
+                                 else max(value, 0) / 100)
+        for j, bound in enumerate(plan.clips.payouts):
+            for i, a in enumerate(points):
+                tail = columns[f"tail_{j}_{i}"]
+                tail[r] = 0.0 if a >= bound else min(tail[r], columns[f"total_{j}"][r])
+    return _Figures(columns)
 
 
 def _summary(f: _Figures, r: int, j: int, points: Sequence[float],
@@ -184,27 +296,35 @@ def _protect_complements(
 
 
 def _limits(product: Product, overall: CellSummary | None,
-            fallback: CellSummary) -> list[LimitCheck]:
-    """Limit checks against the overall summary; withheld figures fail closed (figure null)."""
+            fallback: CellSummary, noisy: bool) -> list[LimitCheck]:
+    """Limit checks against the overall summary; withheld figures fail closed (figure null).
+    A check whose figure was computed from noisy figures (the simulated loss ratio, or the
+    implied premium) says so."""
     summary = overall or fallback.model_copy(update={
         "pure_premium": None, "implied_premium": None, "expected_loss_ratio": None,
     })
     checks = check_cell(product, summary)
+    simulated = "loss_ratio" if product.premium is not None else "premium"
     return [
-        c.model_copy(update={"figure": _ratio(c.figure) if c.name in _RATIO_CHECKS
-                             else _money(c.figure)})
+        c.model_copy(update={
+            "figure": _ratio(c.figure) if c.name in _RATIO_CHECKS else _money(c.figure),
+            **({"message": c.message + " (computed on noisy figures)"}
+               if noisy and c.name == simulated and c.figure is not None else {}),
+        })
         for c in checks
     ]
 
 
 def _price_products(
-    request: PricingRequest, figures: _Figures, keys: Sequence[tuple[Any, ...]],
-    cell_rows: Sequence[int], overall_row: int, table: Table, points: Sequence[float],
-    min_cell_size: int, rules: tuple[Decimal, Decimal],
-    withheld: Mapping[int, tuple[str, str | None]],
+    request: PricingRequest, figures: _Figures, shown: _Figures,
+    keys: Sequence[tuple[Any, ...]], cell_rows: Sequence[int], overall_row: int, table: Table,
+    points: Sequence[float], min_cell_size: int, rules: tuple[Decimal, Decimal],
+    withheld: Mapping[int, tuple[str, str | None]], *, noisy: bool,
 ) -> tuple[list[dict[str, Any]], int, int]:
     """Each product's released cells, overall figures and limit checks; ``withheld`` holds
-    the rows the difference check refused (the overall row is ``len(cell_rows)``)."""
+    the rows the difference check refused (the overall row is ``len(cell_rows)``). What is
+    withheld is decided on the exact ``figures``; what is released is priced from ``shown``
+    (the same, or noisy and rounded)."""
     products_json: list[dict[str, Any]] = []
     released = suppressed = 0
     overall_withheld = withheld.get(len(cell_rows))
@@ -212,12 +332,12 @@ def _price_products(
         cells_json = []
         reasons: list[str | None] = []
         for i, (key, r) in enumerate(zip(keys, cell_rows, strict=True)):
-            summary = _summary(figures, r, j, points, product)
+            summary = _summary(shown, r, j, points, product)
             refused = withheld.get(i)
-            shown, reason, _ = _release(summary, figures, r, j, points, min_cell_size,
-                                        rules, refused[0] if refused else None)
+            cell, reason, _ = _release(summary, figures, r, j, points, min_cell_size,
+                                       rules, refused[0] if refused else None)
             cells_json.append({**dict(zip(request.dimensions, key, strict=True)),
-                               **shown, "suppressed": reason})
+                               **cell, "suppressed": reason})
             reasons.append(reason)
         _protect_complements(
             cells_json, reasons, table,
@@ -228,11 +348,11 @@ def _price_products(
                 released += 1
             else:
                 suppressed += 1
-        total = _summary(figures, overall_row, j, points, product)
+        total = _summary(shown, overall_row, j, points, product)
         overall, overall_reason, safe = _release(
             total, figures, overall_row, j, points, min_cell_size, rules,
             overall_withheld[0] if overall_withheld else None)
-        checks = _limits(product, safe, total)
+        checks = _limits(product, safe, total, noisy)
         products_json.append({
             "name": product.name,
             "tier": product.tier,
@@ -269,13 +389,26 @@ def simulate(gateway: Gateway, principal: Principal, request: PricingRequest) ->
                                              common)
     min_cell_size = obligations.min_cell_size
     points = request.points()
+    spent: float | None = None
     try:
+        options = DisclosureOptions.from_obligations(obligations)
         dataset = gateway.catalog.datasets.get(DATASET)
         if dataset is None:
             raise QueryRejected(f"unknown dataset {DATASET}")
-        tree, _ = pricing_statement(dataset, request.dimensions, filters, request.products,
-                                    points)
-        arrow, data_version = gateway.store.fetch_arrow(tree.sql(dialect="duckdb"))
+        spec = options.noise
+        plan: _NoisyPricing | None = None
+        if spec is not None:
+            # calibrated once per template: shape, products' terms, noise obligation
+            plan = gateway.disclosure.template(
+                ["pricing", request.dimensions, sorted(filters.items()),
+                 [_terms(p) for p in request.products], list(points), spec.published()],
+                lambda: _noisy_pricing(request, dataset, filters, points, spec))
+            sql = plan.sql
+        else:
+            tree, _ = pricing_statement(dataset, request.dimensions, filters, request.products,
+                                        points)
+            sql = tree.sql(dialect="duckdb")
+        arrow, data_version = gateway.store.fetch_arrow(sql)
         figures = _Figures({name: arrow.column(name).to_numpy(zero_copy_only=False)
                             for name in arrow.column_names})
         flags = arrow.column("_all_cells").to_pylist()
@@ -303,17 +436,47 @@ def simulate(gateway: Gateway, principal: Principal, request: PricingRequest) ->
             [figures.count("persons", r) for r in [*cell_rows, overall_row]],
             data_version, obligations, org=principal.org,
         ) as check:
+            report: dict[str, Any] = {"difference_k": options.difference_k,
+                                      "rounding": options.rounding, "noise": None,
+                                      "budget": None}
+            noisy = None
+            if plan is not None and spec is not None:
+                # Noise on the additive bases of every cell (withheld ones too) and overall
+                # (the sum of the cells unless answered before), paid before release.
+                rows = cell_rows if request.dimensions else [overall_row]
+
+                def cover(r: int) -> tuple[Any, Any]:
+                    return (arrow.column(FINGERPRINT_COLUMN)[r].as_py(),
+                            arrow.column(RECORDS_COLUMN)[r].as_py())
+
+                got = gateway.disclosure.noisy_answers(
+                    NoisyCells(
+                        series=plan.series, scales=plan.scales, spec=spec,
+                        epsilon=spec.epsilon, dimensions=tuple(request.dimensions),
+                        filters=filters, groups=keys if request.dimensions else [()],
+                        covers=[cover(r) for r in rows],
+                        exact=[[figures.count(names[0], r) if s.kind == "count"
+                                else to_units(figures.amount(names[0], r), "amount")
+                                for s, names in zip(plan.series, plan.columns, strict=True)]
+                               for r in rows],
+                        totals=[cover(overall_row)] if request.dimensions else []),
+                    data_version=data_version, dataset=DATASET, options=options,
+                    grant_id=common.get("grant_id"))
+                noisy = (plan, [*rows, overall_row] if request.dimensions else rows,
+                         got.values)
+                report["noise"] = plan.published(spec, [p.name for p in request.products])
+                report["budget"], spent = got.budget, got.charged
+            shown = _released(figures, options.rounding, points, noisy)
             products_json, released, suppressed = _price_products(
-                request, figures, keys, cell_rows, overall_row, table, points, min_cell_size,
-                rules, check.withheld)
+                request, figures, shown, keys, cell_rows, overall_row, table, points,
+                min_cell_size, rules, check.withheld, noisy=noisy is not None)
             shown_rows = {i for p in products_json for i, c in enumerate(p["cells"])
                           if c["suppressed"] not in _ALL_WITHHELD | {"secondary"}}
             if products_json and products_json[0]["overall"]["suppressed"] not in _ALL_WITHHELD:
                 shown_rows.add(len(cell_rows))
-            check.remember(sorted(shown_rows))
+            report["release_id"] = check.remember(sorted(shown_rows))
     except GatewayError as exc:
-        gateway.record(principal, ACTION, status=exc.status, decision="error",
-                       error_code=exc.code, reasons=[exc.message], **common)
+        gateway.record_failure(principal, ACTION, exc, common)
         raise
     rules = gateway.magnitude_rules(common.get("grant_id"))
     notes = [
@@ -328,6 +491,16 @@ def simulate(gateway: Gateway, principal: Principal, request: PricingRequest) ->
         "(docs/pricing.md)",
         "limit checks use the overall figures; a withheld figure fails its check",
     ]
+    if report["noise"] is not None:
+        notes.append(
+            f"noise: {report['noise']['mechanism']}, ε = {report['noise']['epsilon']} per query "
+            "over person-years, on person-years, exposure, claimants, total payout and the "
+            "amounts above attachment points (each person-year's payout clipped at "
+            "disclosure.noise.payout_bounds); every ratio is computed from these noisy figures; "
+            "the same question asked again answers the stored figures, free")
+    if options.rounding > 1:
+        notes.append(f"counts (person-years, claimants) rounded to multiples of "
+                     f"{options.rounding}")
     if any(p.has_special_drug_cover for p in request.products):
         notes.append("特药 cover is not simulated: person_years carries no special-drug "
                      "amounts, so its payout is not included (not priced at 0)")
@@ -337,12 +510,14 @@ def simulate(gateway: Gateway, principal: Principal, request: PricingRequest) ->
         "attachment_points": list(points),
         "data_version": data_version,
         "min_cell_size": min_cell_size,
+        "disclosure": report,
         "notes": notes,
     }
     audit_id = gateway.record(
         principal, ACTION, status=200, decision="allow", cells_released=released,
         cells_suppressed=suppressed, data_version=data_version,
-        response_hash="sha256:" + hashlib.sha256(orjson.dumps(body)).hexdigest(), **common,
+        response_hash="sha256:" + hashlib.sha256(orjson.dumps(body)).hexdigest(),
+        budget_spent=spent, **common,
     )
     body["audit_id"] = audit_id
     return Audited(body=body, audit_id=audit_id)

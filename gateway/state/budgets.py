@@ -246,9 +246,12 @@ class DisclosureStatements(ABC):
                 spent = int(row[0]) if row else 0
                 amount = charge.amount_micro if paid else 0
                 if spent + amount > charge.cap_micro:
+                    left = max(charge.cap_micro - spent, 0) / MICRO
+                    # the message is also the audit entry's reason: it says what remains
                     raise BudgetExhausted(
-                        f"privacy budget exhausted for {charge.scope} ({charge.period})",
-                        remaining=max(charge.cap_micro - spent, 0) / MICRO, scope=charge.scope,
+                        f"privacy budget exhausted for {charge.scope} ({charge.period}): "
+                        f"ε {left:g} remaining, this release needs ε {amount / MICRO:g}",
+                        remaining=left, scope=charge.scope,
                     )
                 remaining[charge.scope] = charge.cap_micro - spent - amount
                 if amount:

@@ -2,7 +2,8 @@
 
 The planted person (the *target*) lives in the county with the fewest persons settling in
 2024 and has one 2024 settlement rewritten to a huge, recognisable claim:
-``psn_part_amt`` = 654,321.00 元. Every attack in this folder tries to learn the target's 2024
+``psn_part_amt`` = 654,321.00 元, of which 600,000 元 全自费 (``fulamt_ownpay_amt``, which
+pricing pays from). Every attack in this folder tries to learn the target's 2024
 ``psn_part_amt`` (or the claim itself) and must fail.
 
 Each test states what the attacker learned with :func:`learned`; when ``ATTACK_REPORT`` names
@@ -80,7 +81,9 @@ def _plant(city: CityFiles, out: Path) -> tuple[Path, Path]:
         planted = (
             "COPY (SELECT * REPLACE ("  # noqa: S608
             "CASE WHEN setl_id = $1 THEN 700000.0 ELSE medfee_sumamt END AS medfee_sumamt, "
-            "CASE WHEN setl_id = $1 THEN 654321.0 ELSE psn_part_amt END AS psn_part_amt) "
+            "CASE WHEN setl_id = $1 THEN 654321.0 ELSE psn_part_amt END AS psn_part_amt, "
+            "CASE WHEN setl_id = $1 THEN 600000.0 ELSE fulamt_ownpay_amt END "
+            "AS fulamt_ownpay_amt) "
             f"FROM s) TO '{settlements}' (FORMAT parquet)"
         )
         con.execute(planted, [setl_id])

@@ -1,4 +1,5 @@
-"""Attacks on noisy answers: averaging repeats, rephrasing, and a Dinur–Nissim linear system.
+"""Attacks on noisy answers: averaging repeats (aggregates and pricing), rephrasing, and a
+Dinur–Nissim linear system.
 
 The grant (``NOISY_GRANT``) asks for discrete Laplace noise, ε = 1 per query, a budget of 5 ε
 a month, and bounds each person-year's ``psn_part_amt`` at 20,000 元: the planted 654,321 元
@@ -9,12 +10,14 @@ from __future__ import annotations
 
 import random
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from tests.attacks.conftest import YEAR, Target, learned
-from tests.conftest import Env
+from tests.attacks.conftest import NOISY_GRANT, PLANTED_CLAIM, YEAR, Target, learned
+from tests.conftest import Env, make_env
+from tests.http.test_pricing_api import _payout
 
 Q: dict[str, Any] = {"purpose": "hmb_pricing", "dataset": "person_years",
                      "measures": [{"fn": "count_persons"}, {"fn": "sum", "field": "psn_part_amt"}]}
@@ -126,3 +129,60 @@ def test_dinur_nissim_linear_system_is_starved_by_the_budget(
     assert len(answers) <= 5
     assert not determined
     assert abs(estimate - target.part_2024) > 100_000
+
+
+def test_averaging_200_noisy_pricing_repeats_gains_nothing(
+    tmp_path: Path, target: Target, signing_key_file: Path
+) -> None:
+    """The pricing endpoint under noise: the attacker prices a product over the target's
+    county (and the largest, so the cell is not small) 200 times and averages the total
+    payout, then — knowing every other person's payout exactly, the strongest case —
+    subtracts theirs. The grant clips each person-year's payout at 20,000 元 and spends ε = 5
+    a query (payout scale 20,000 元 / (5 / 5 series) = 20,000 元)."""
+    grant = {**NOISY_GRANT,
+             "noise": {**NOISY_GRANT["noise"], "epsilon": 5.0,
+                       "bounds": {**NOISY_GRANT["noise"]["bounds"], "payout": [0, 20_000]}},
+             "budget": {"epsilon": 10.0, "period": "month"}}
+    product = {"name": "零免赔", "deductible": 0, "ratio_in_list": 0.8,
+               "ratio_out_of_list": 0.5, "cap": 3_000_000, "premium": 99}
+    env = make_env(tmp_path, target.store_dir, signing_key_file, grant=grant)
+    with env.client:
+        headers = env.headers("insurer")
+        body = {"products": [product], "filters": {
+            "year": [str(YEAR)], "insu_admdvs": [target.county, target.big_county]}}
+        answers, charged = [], []
+        for _ in range(200):
+            response = env.client.post("/v1/pricing/simulate", json=body, headers=headers)
+            assert response.status_code == 200, response.text
+            got = response.json()
+            overall = got["products"][0]["overall"]
+            assert overall["suppressed"] is None, overall
+            answers.append(Decimal(str(overall["total_payout"])))
+            charged.append(got["disclosure"]["budget"]["epsilon_charged"])
+    env.gateway.audit.close()
+    ((psn_id,),) = target.truth("SELECT psn_id FROM settlements WHERE year = ? AND "
+                                "psn_part_amt = ?", [YEAR, PLANTED_CLAIM])
+    rows = target.truth(
+        "SELECT psn_id, inscp_scp_amt, hifp_pay, hifmi_pay, fulamt_ownpay_amt, overlmt_selfpay "
+        "FROM person_years WHERE year = ? AND insu_admdvs IN (?, ?)",
+        [YEAR, target.county, target.big_county])
+    names = ("inscp_scp_amt", "hifp_pay", "hifmi_pay", "fulamt_ownpay_amt", "overlmt_selfpay")
+    planted = Decimal(0)
+    others = Decimal(0)
+    for row in rows:
+        pay = Decimal(str(round(_payout(
+            {n: float(v or 0) for n, v in zip(names, row[1:], strict=True)}, product), 2)))
+        if row[0] == psn_id:
+            planted += pay
+        else:
+            others += min(pay, Decimal(20_000))
+    average = sum(answers, Decimal(0)) / len(answers)
+    estimate = average - others
+    learned("averaging 200 repeats of a noisy pricing query", value=round(estimate, 2),
+            planted=planted, outcome="200 identical stored answers; ε charged once; the "
+            "target's payout clipped at 20,000 元 before noise")
+    assert len(set(answers)) == 1  # one stored answer: nothing to average
+    assert charged[0] == 5.0
+    assert set(charged[1:]) == {0.0}
+    assert planted > 250_000  # the planted 全自费 makes the target's payout recognisable
+    assert abs(estimate - planted) > 100_000
