@@ -106,6 +106,12 @@ def _proof_key(alg: str, coordinates: tuple[str, ...]) -> PyJWK:
                  algorithm=alg)
 
 
+@functools.lru_cache(maxsize=1024)
+def _thumbprint(alg: str, coordinates: tuple[str, ...]) -> str:
+    kty, crv, names = DPOP_ALGS[alg]
+    return jwk_thumbprint({"kty": kty, "crv": crv, **dict(zip(names, coordinates, strict=True))})
+
+
 def verify_dpop_proof(
     proof: object,
     *,
@@ -170,7 +176,7 @@ def verify_dpop_proof(
         _fail("stale", f"proof older than {max_age_s} s")
     if not hmac.compare_digest(claims["ath"].encode(), access_token_hash(access_token).encode()):
         _fail("wrong_ath", "ath is not the hash of the presented token")
-    jkt = jwk_thumbprint(jwk)
+    jkt = _thumbprint(alg, coordinates)
     if not hmac.compare_digest(jkt.encode(), expected_jkt.encode()):
         _fail("wrong_key", "proof key is not the key the consent is bound to")
     if not seen_jti(jti):
