@@ -1,7 +1,7 @@
 """Settling the futures of coroutines from a writer thread (internal).
 
-A writer thread (the audit sequencer, the replay-id writer) commits a batch, then hands each
-waiting coroutine its outcome. One ``call_soon_threadsafe`` per event loop per batch: a wake-up
+A writer thread (the audit sequencer) commits a batch, then hands each waiting coroutine its
+outcome. One ``call_soon_threadsafe`` per event loop per batch: a wake-up
 per future would cost a syscall each and swamp the loop.
 """
 
