@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta, timezone
 from decimal import Decimal
@@ -182,6 +183,11 @@ class ReplayBatcher:
         self._pending: dict[asyncio.AbstractEventLoop,
                             list[tuple[ReplaySpend, int, asyncio.Future[tuple[bool, bool]]]]] = {}
         self._purged_at = -_PURGE_EVERY_S
+        self._purge_lock = threading.Lock()
+        # A local file (SQLite) is written by the loop itself; a database server is a network
+        # round trip per statement, so its batches go to one writer thread instead.
+        self._writer = None if state.dialect == "sqlite" else ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="replay-writer")
 
     def spend(self, item: ReplaySpend, now_ns: int) -> tuple[bool, bool]:
         """``(dpop_new, consent_new)`` of ``item``, committed (blocks the calling thread)."""
@@ -202,25 +208,41 @@ class ReplayBatcher:
         batch = self._pending.pop(loop, [])
         if not batch:
             return
-        try:
-            results = self._write([item for item, _, _ in batch],
-                                  min(now for _, now, _ in batch))
-        except Exception as exc:
-            for _, _, future in batch:
-                if not future.done():
-                    future.set_exception(exc)
+        items, now_ns = [item for item, _, _ in batch], min(now for _, now, _ in batch)
+        if self._writer is None:
+            try:
+                results = self._write(items, now_ns)
+            except Exception as exc:
+                _settle(batch, None, exc)
+                return
+            _settle(batch, results, None)
             return
-        for (_, _, future), result in zip(batch, results, strict=True):
-            if not future.done():  # a cancelled waiter: its ids are spent all the same
-                future.set_result(result)
+        written = loop.run_in_executor(self._writer, self._write, items, now_ns)
+
+        def settle(done: asyncio.Future[list[tuple[bool, bool]]]) -> None:
+            error = done.exception()
+            _settle(batch, None if error else done.result(), error)
+
+        written.add_done_callback(settle)
 
     def _write(self, items: list[ReplaySpend], now_ns: int) -> list[tuple[bool, bool]]:
-        now = time.monotonic()
-        purge = now - self._purged_at >= _PURGE_EVERY_S
-        results = self._state.spend_replay_ids(items, now_ns, purge=purge)
-        if purge:
-            self._purged_at = now
-        return results
+        with self._purge_lock:
+            now = time.monotonic()
+            purge = now - self._purged_at >= _PURGE_EVERY_S
+            if purge:
+                self._purged_at = now
+        return self._state.spend_replay_ids(items, now_ns, purge=purge)
+
+
+def _settle(batch: list[tuple[ReplaySpend, int, asyncio.Future[tuple[bool, bool]]]],
+            results: list[tuple[bool, bool]] | None, error: BaseException | None) -> None:
+    for index, (_, _, future) in enumerate(batch):
+        if future.done():  # a cancelled waiter: its ids are spent all the same
+            continue
+        if results is None:
+            future.set_exception(error or StoreUnavailable("replay store write failed"))
+        else:
+            future.set_result(results[index])
 
 
 class PersonIndex:

@@ -883,3 +883,29 @@ def test_a_postgres_take_does_not_queue_behind_the_write_lock(postgres_url: str)
     _OPENED.append(state)
     with state._tx(write=True):  # another writer holds the global lock (a budget charge)
         assert state.take_rate(RATE_KEY, 6, T0_NS).allowed
+
+
+def test_replay_batcher_spends_each_consent_once_on_either_backend(store: StateStore) -> None:
+    """The person endpoints' group commit: on SQLite the loop writes each turn's batch
+    itself, on PostgreSQL a writer thread does; either way a consent is used once and a
+    replayed proof is refused."""
+    import asyncio
+
+    from gateway.service.consents import ReplayBatcher
+    from gateway.state.consents import ReplaySpend
+
+    batcher = ReplayBatcher(store)
+    far = 2**62
+
+    async def race() -> list[tuple[bool, bool]]:
+        return list(await asyncio.gather(*(
+            batcher.spend_async(ReplaySpend("c-1", f"proof-{n}-{k}-xxxxxxxx", far, f"jti-{k}",
+                                            f"cst-{k}", far), 0)
+            for n in range(6) for k in range(15))))
+
+    results = asyncio.run(race())
+    assert len(results) == 90
+    assert all(dpop for dpop, _ in results)
+    assert sum(consent for _, consent in results) == 15
+    replayed = asyncio.run(batcher.spend_async(ReplaySpend("c-1", "proof-0-0-xxxxxxxx", far), 0))
+    assert replayed == (False, False)
