@@ -1,9 +1,8 @@
-"""Settling the futures of coroutines once their audit batch is written (internal).
+"""Settling the futures of coroutines from a writer thread (internal).
 
-The writer (the audit sequencer thread, or an event loop committing its own turn's batch)
-hands each waiting coroutine its outcome: directly on the writer's own loop, else with one
-``call_soon_threadsafe`` per event loop per batch (a wake-up per future would cost a syscall
-each and swamp the loop).
+A writer thread (the audit sequencer) commits a batch, then hands each waiting coroutine its
+outcome. One ``call_soon_threadsafe`` per event loop per batch: a wake-up
+per future would cost a syscall each and swamp the loop.
 """
 
 from __future__ import annotations
@@ -24,14 +23,7 @@ def settle_futures(outcomes: Iterable[Outcome]) -> None:
     loops: dict[asyncio.AbstractEventLoop, list[Outcome]] = {}
     for outcome in outcomes:
         loops.setdefault(outcome[0].get_loop(), []).append(outcome)
-    try:
-        here: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
-    except RuntimeError:
-        here = None
     for loop, items in loops.items():
-        if loop is here:  # settled by that very loop: no wake-up needed
-            _settle_on_loop(items)
-            continue
         # A loop that has closed has no one left waiting on it.
         with contextlib.suppress(RuntimeError):
             loop.call_soon_threadsafe(_settle_on_loop, items)

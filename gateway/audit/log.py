@@ -151,15 +151,6 @@ class AuditLog(ABC):
     sequencer thread. Use as a context manager or call :meth:`close`.
     """
 
-    # Where the entries of coroutines (append_async) are committed. False: handed to the
-    # sequencer thread, woken back once per loop per batch. True: by their own event loop,
-    # once per turn of the loop, all the entries appended in that turn in one transaction
-    # (no queue: the loop takes no new request while it commits). For a local file, whose
-    # transaction is short: measured over HTTP, the hand-offs to the thread and back cost more
-    # CPU than the write (about 7 % of a consented check). A store behind a network round trip
-    # keeps the thread.
-    commits_on_loop: bool = False
-
     def __init__(
         self,
         *,
@@ -198,9 +189,6 @@ class AuditLog(ABC):
         self._committed = 0
         self._pending_frontier: list[bytes] = []
         self._node_cache: dict[merkle.NodeID, bytes] = {}
-        # The sequencer thread and event loops (commits_on_loop) commit in turn.
-        self._commit_lock = threading.Lock()
-        self._loop_batches: dict[asyncio.AbstractEventLoop, list[Pending]] = {}
         self._thread = threading.Thread(target=self._run, name="audit-sequencer", daemon=True)
         self._thread.start()
 
@@ -309,19 +297,8 @@ class AuditLog(ABC):
         """:meth:`append` for a coroutine: the event loop keeps serving while the entry waits
         for its batch, so thousands of requests can wait for durability in one thread. The
         entry is written even if the awaiting task is cancelled (never dropped)."""
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[int] = loop.create_future()
-        pending = self._pending(entry, future)
-        if self.commits_on_loop:
-            if self._closed:
-                raise AuditUnavailable("audit log is closed")
-            queued = self._loop_batches.get(loop)
-            if queued is None:
-                queued = self._loop_batches[loop] = []
-                loop.call_soon(self._commit_loop_batch, loop)
-            queued.append(pending)
-        else:
-            self._put(pending)
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._put(self._pending(entry, future))
         try:
             return await future
         except asyncio.CancelledError:
@@ -329,24 +306,11 @@ class AuditLog(ABC):
         except BaseException as exc:
             raise AuditUnavailable("audit entry could not be made durable") from exc
 
-    def _commit_loop_batch(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Commit, on the event loop, the entries its coroutines appended in this turn (a
-        failure fails each of them, as a failed batch of the sequencer does)."""
-        batch = self._loop_batches.pop(loop, [])
-        if not batch:
-            return
-        if self._closed:  # close() committed what was queued before it; this came after
-            settle(batch, -1, AuditUnavailable("audit log is closed"))
-            return
-        with self._commit_lock:
-            self._commit(batch)
-
     def _run(self) -> None:
         try:
             expect = 1
             while (batch := self._queue.take(self._max_batch, self._max_delay, expect)) is not None:
-                with self._commit_lock:
-                    self._commit(batch)
+                self._commit(batch)
                 expect = len(batch)
         except BaseException as exc:
             # Never leave a caller waiting: refuse new entries and fail the queued ones.
@@ -422,12 +386,6 @@ class AuditLog(ABC):
             self._closed = True
         self._queue.close()
         self._thread.join()
-        # Entries of a loop turn not committed yet are committed here, never dropped.
-        for loop in list(self._loop_batches):
-            batch = self._loop_batches.pop(loop, [])
-            if batch:
-                with self._commit_lock:
-                    self._commit(batch)
         self._close_storage()
 
     def __enter__(self) -> Self:

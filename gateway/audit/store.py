@@ -201,8 +201,6 @@ class SqliteAuditLog(SqlAuditLog):
     file lock before its callers get :class:`AuditUnavailable`.
     """
 
-    commits_on_loop = True  # a local file: see AuditLog.commits_on_loop
-
     def __init__(
         self,
         path: str | os.PathLike[str],

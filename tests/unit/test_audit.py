@@ -189,10 +189,7 @@ class _Gate:
 
 
 class GatedLog(_Gate, SqliteAuditLog):
-    """A SQLite log whose batches wait at a gate (in the sequencer thread: a gate on the event
-    loop would hold the very loop that must open it)."""
-
-    commits_on_loop = False
+    """A SQLite log whose batches wait at a gate."""
 
 
 class PgGatedLog(_Gate, PostgresAuditLog):

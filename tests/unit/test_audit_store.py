@@ -92,39 +92,6 @@ def test_async_append_failure_is_unavailable_and_nothing_half_written(
     assert log.verify() == 2
 
 
-def test_a_sqlite_log_commits_each_loop_turn_on_the_loop(make_sqlite_log: LogFactory) -> None:
-    """A local file: the entries coroutines append in one turn of the loop are one
-    transaction, written by the loop itself (no hand-off to the sequencer and back)."""
-    log = make_sqlite_log()
-    assert log.commits_on_loop
-
-    async def run() -> list[int]:
-        first = list(await asyncio.gather(*(log.append_async(make_entry(i))
-                                             for i in range(200))))
-        second = list(await asyncio.gather(*(log.append_async(make_entry(i))
-                                              for i in range(200, 250))))
-        return first + second
-
-    assert sorted(asyncio.run(run())) == list(range(250))
-    assert log.stats()["batches"] == 2
-    assert log.verify() == 250
-
-
-def test_closing_commits_the_entries_of_an_unfinished_loop_turn(make_sqlite_log: LogFactory
-                                                                ) -> None:
-    log = make_sqlite_log()
-
-    async def run() -> list[int]:
-        waiting = [asyncio.ensure_future(log.append_async(make_entry(i))) for i in range(5)]
-        await asyncio.sleep(0)  # each has queued its entry; the loop's commit is still due
-        log.close()  # commits them, never drops them
-        with pytest.raises(AuditUnavailable, match="closed"):
-            await log.append_async(make_entry(9))
-        return list(await asyncio.gather(*waiting))
-
-    assert sorted(asyncio.run(run())) == [0, 1, 2, 3, 4]
-
-
 def test_async_append_to_a_full_queue_is_refused_not_dropped(make_log: LogFactory) -> None:
     log = make_log(cls=GatedLog, max_queue=2, max_batch=1)
     assert isinstance(log, _Gate)
