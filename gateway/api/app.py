@@ -37,6 +37,10 @@ def create_app(gateway: Gateway) -> FastAPI:
             "health insurers. Every call but health needs `Authorization: Bearer <token>`."
         ),
         lifespan=lifespan,
+        # No OpenTelemetry here: metrics are Prometheus (/metrics), access is the audit log.
+        # FastAPI's own telemetry would otherwise be looked up on every request.
+        telemetry={"tracing": False, "metrics": False, "logs": False,
+                   "operation_spans": False},
     )
     app.state.gateway = gateway
     app.state.monitor = monitor
