@@ -100,6 +100,7 @@ class QueryStore:
         self._conn: duckdb.DuckDBPyConnection | None = None
         self._version: str | None = None
         self._pointer_stat: tuple[int, int] | None = None
+        self._types: dict[tuple[str, str], dict[str, str]] = {}
 
     @property
     def version(self) -> str | None:
@@ -154,6 +155,23 @@ class QueryStore:
             yield cur, version
         finally:
             cur.close()
+
+    def column_types(self, table: str) -> tuple[dict[str, str], str]:
+        """Column name → DuckDB type of one table of the serving version (read once per
+        version: versions are immutable), and that version."""
+        with self.cursor() as (cur, version):
+            found = self._types.get((version, table))
+            if found is None:
+                try:
+                    cur.execute("SELECT column_name, data_type FROM information_schema.columns "
+                                "WHERE table_name = ?", [table])
+                    found = {str(name): str(kind) for name, kind in cur.fetchall()}
+                except duckdb.Error as exc:
+                    raise StoreUnavailable("query store error") from exc
+                if len(self._types) >= 64:
+                    self._types.clear()
+                self._types[(version, table)] = found
+        return found, version
 
     def fetch_arrow(self, sql: str) -> tuple[pa.Table, str]:
         """Run one read-only statement with the time limit; the result as an Arrow table (no
