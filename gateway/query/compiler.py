@@ -125,14 +125,18 @@ def _over_persons(measure: Measure, dataset: Dataset) -> exp.Expr:
 def _top_two(field_name: str, per_person: exp.Expr | None = None) -> list[exp.Expr]:
     """Cell total, largest and second-largest per-person sum of one field."""
     per_person = per_person or exp.column(_sum_of(field_name))
-    # MAX(x, 2) is DuckDB's top-n aggregate (a list, largest first); sqlglot's Bracket index is
-    # 0-based and rendered 1-based for DuckDB. One contributor only: no second, so 0.
-    second = exp.Bracket(this=exp.Max(this=per_person.copy(), count=exp.Literal.number(2)),
-                         expressions=[exp.Literal.number(1)])
+    # MAX(x, 2) is DuckDB's top-n aggregate (a list, largest first, NULLs skipped like MAX):
+    # one aggregate gives both (DuckDB computes an aggregate written twice once). sqlglot's
+    # Bracket index is 0-based and rendered 1-based for DuckDB. One contributor only: no
+    # second, so 0; none at all: no first, NULL as MAX(x) would give.
+    def top(i: int) -> exp.Expr:
+        return exp.Bracket(this=exp.Max(this=per_person.copy(), count=exp.Literal.number(2)),
+                           expressions=[exp.Literal.number(i)])
+
     return [
         exp.Sum(this=per_person.copy()).as_(f"_total_{field_name}"),
-        exp.Max(this=per_person.copy()).as_(f"_top1_{field_name}"),
-        exp.Coalesce(this=second, expressions=[exp.Literal.number(0)]).as_(
+        top(0).as_(f"_top1_{field_name}"),
+        exp.Coalesce(this=top(1), expressions=[exp.Literal.number(0)]).as_(
             f"_top2_{field_name}"),
     ]
 
@@ -197,7 +201,7 @@ def compile_aggregate(
       COUNT(psn_id) AS _n_persons,
       SUM(_sum_medfee_sumamt) AS sum_medfee_sumamt,
       SUM(_sum_medfee_sumamt) AS _total_medfee_sumamt,
-      MAX(_sum_medfee_sumamt) AS _top1_medfee_sumamt,
+      MAX(_sum_medfee_sumamt, 2)[1] AS _top1_medfee_sumamt,
       COALESCE(MAX(_sum_medfee_sumamt, 2)[2], 0) AS _top2_medfee_sumamt
     FROM _per_person
     GROUP BY
