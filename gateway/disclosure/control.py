@@ -39,6 +39,7 @@ from gateway.disclosure.differencing import (
     ReleasedCell,
     box_key,
     box_of_cell,
+    boxes_of_cells,
     candidate_pairs,
     difference_sql,
     normalize,
@@ -225,8 +226,7 @@ class DisclosureControl:
         keys = [tuple(r[:n_dims]) for r in raw_rows]
         persons = [int(r[n_dims] or 0) for r in raw_rows]
         domains = self._domains(data_version, query.dataset, dataset)
-        boxes = [normalize(box_of_cell(query.filters, compiled.dimensions, key), domains)
-                 for key in keys]
+        boxes = boxes_of_cells(query.filters, compiled.dimensions, keys, domains)
         # Check, decide and remember under one lock, in this process and across every worker
         # sharing the state store: a concurrent request must see these cells before it runs
         # its own check.
