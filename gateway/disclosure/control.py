@@ -231,8 +231,10 @@ class DisclosureControl:
         # sharing the state store: a concurrent request must see these cells before it runs
         # its own check.
         with self._check_lock, self.state.exclusive("disclosure-releases"):
+            # Read once in the section: nothing else records releases until it ends.
+            known = self._known_for(data_version, query.dataset, options.difference_k)
             withheld, derived = self._difference_check(
-                query.dataset, dataset, boxes, persons, data_version,
+                query.dataset, dataset, boxes, persons, data_version, known,
                 k=options.difference_k, min_cell_size=obligations.min_cell_size, org=org)
 
             result = disclose(
@@ -259,8 +261,7 @@ class DisclosureControl:
             gone = _withheld_rows(result, len(compiled.measures))
             released_rows = [r for r in range(len(result.rows)) if r not in gone]
             release_id = self._remember(query.dataset, data_version, boxes, persons,
-                                        released_rows, derived, org=org,
-                                        difference_k=options.difference_k)
+                                        released_rows, derived, known, org=org)
         report["release_id"] = release_id
         result = shape(result, having=query.having, order_by=query.order_by,
                        limit=query.limit, column_of=compiled.column_of, hidden=compiled.hidden)
@@ -268,14 +269,14 @@ class DisclosureControl:
 
     def _remember(self, dataset_name: str, data_version: str, boxes: Sequence[Box],
                   persons: Sequence[int], released_rows: Sequence[int],
-                  derived: Mapping[int, list[tuple[Box, int]]], *, org: str | None,
-                  difference_k: int) -> str:
+                  derived: Mapping[int, list[tuple[Box, int]]], known: _Known | None, *,
+                  org: str | None) -> str:
         """Record what the released rows covered (and the boxes they let one derive); the
-        caller holds the release section. Returns the release id."""
+        caller holds the release section, in which it read ``known``. Returns the release
+        id."""
         release_id = "rel-" + secrets.token_hex(8)
         now_ns = int(self.clock() * 1e9)
         # Boxes already remembered (a repeated question) cost no write.
-        known = self._known(data_version, dataset_name) if difference_k >= 2 else None
         remembered = [(boxes[r], persons[r]) for r in released_rows
                       if known is None or boxes[r] not in known.index]
         if remembered:
@@ -309,14 +310,14 @@ class DisclosureControl:
         domains = self._domains(data_version, dataset_name, dataset)
         boxes = [normalize(box_of_cell(filters, dims, key), domains) for dims, key in cells]
         with self._check_lock, self.state.exclusive("disclosure-releases"):
+            known = self._known_for(data_version, dataset_name, options.difference_k)
             withheld, derived = self._difference_check(
-                dataset_name, dataset, boxes, persons, data_version,
+                dataset_name, dataset, boxes, persons, data_version, known,
                 k=options.difference_k, min_cell_size=obligations.min_cell_size, org=org)
 
             def remember(released_rows: Sequence[int]) -> str:
                 return self._remember(dataset_name, data_version, boxes, persons,
-                                      released_rows, derived, org=org,
-                                      difference_k=options.difference_k)
+                                      released_rows, derived, known, org=org)
 
             yield CellRelease(withheld=withheld, remember=remember)
 
@@ -343,6 +344,10 @@ class DisclosureControl:
             }
             self._domain_cache[key] = found
         return found
+
+    def _known_for(self, data_version: str, dataset_name: str, k: int) -> _Known | None:
+        """:meth:`_known` where the difference check runs (k ≥ 2), else None."""
+        return self._known(data_version, dataset_name) if k >= 2 else None
 
     def _known(self, data_version: str, dataset_name: str) -> _Known:
         """Boxes released (or derived from releases) on this version: cached in this
@@ -391,13 +396,16 @@ class DisclosureControl:
 
     def _difference_check(
         self, dataset_name: str, dataset: Any, boxes: Sequence[Box], persons: Sequence[int],
-        data_version: str, *, k: int, min_cell_size: int, org: str | None,
+        data_version: str, known: _Known | None, *, k: int, min_cell_size: int,
+        org: str | None,
     ) -> tuple[dict[int, tuple[str, str | None]], dict[int, list[tuple[Box, int]]]]:
         """Rows to withhold (reason, detail), and per kept row the boxes its release would let
-        an attacker derive (remembered with it)."""
+        an attacker derive (remembered with it). ``known``: :meth:`_known_for` of this
+        version, dataset and k, read in the same release section."""
         if k < 2:
             return {}, {}
-        known = self._known(data_version, dataset_name)
+        if known is None:
+            raise ValueError("the difference check needs the known releases")
         domains = self._domains(data_version, dataset_name, dataset)
 
         def explain(earlier: ReleasedCell, derived: bool) -> str:

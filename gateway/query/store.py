@@ -213,6 +213,11 @@ class QueryStore:
     def column_types(self, table: str) -> tuple[dict[str, str], str]:
         """Column name → DuckDB type of one table of the serving version (read once per
         version: versions are immutable), and that version."""
+        self._refresh()
+        version = self._version
+        known = None if version is None else self._types.get((version, table))
+        if known is not None and version is not None:
+            return known, version  # no cursor to open
         with self.cursor() as (cur, version):
             found = self._types.get((version, table))
             if found is None:
