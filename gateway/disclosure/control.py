@@ -78,6 +78,8 @@ _CHINA = timezone(timedelta(hours=8))
 MAX_DERIVED_PER_REQUEST = 256
 # How far behind its commit another process's record time may be (incremental re-reads).
 _LAG_NS = 60 * 1_000_000_000
+# One-dimension differences remembered per data version and dataset (then forgotten at once).
+_MAX_DIFFERENCES = 200_000
 
 
 @dataclass(frozen=True)
@@ -432,7 +434,7 @@ class DisclosureControl:
             seen: set[Box] = set()
             for row, box in frontier:
                 for other in sorted(known.index.neighbours(box)):
-                    x = one_dimension_difference(box, other, domains)
+                    x = known.one_dimension_difference(box, other, domains)
                     if x is None or x in known.index or x in mine or x in seen:
                         continue
                     seen.add(x)
@@ -630,6 +632,9 @@ class _Known:
     index: BoxIndex = field(default_factory=BoxIndex)
     newest_ns: int = 0
     released: dict[Box, ReleasedCell] = field(default_factory=dict)
+    # (box, known box) -> their one-dimension difference: a pure function of the two boxes
+    # and this version's domains, asked again by every repeat of a question.
+    differences: dict[tuple[Box, Box], Box | None] = field(default_factory=dict)
 
     def merge(self, rows: Sequence[tuple[ReleasedRow, int]]) -> None:
         added = False
@@ -648,6 +653,17 @@ class _Known:
 
     def by_box(self, box: Box) -> ReleasedCell | None:
         return self.released.get(box)
+
+    def one_dimension_difference(self, a: Box, b: Box, domains: Domains) -> Box | None:
+        """:func:`.differencing.one_dimension_difference`, remembered (``domains`` are always
+        those of this object's data version and dataset)."""
+        key = (a, b)
+        if key in self.differences:
+            return self.differences[key]
+        if len(self.differences) >= _MAX_DIFFERENCES:
+            self.differences.clear()
+        found = self.differences[key] = one_dimension_difference(a, b, domains)
+        return found
 
 
 def _withheld_rows(result: DisclosedResult, n_measures: int) -> set[int]:

@@ -177,11 +177,17 @@ def candidate_pairs(
         hi = _bisect_right(counts, n + (k - 1))
         sets = {d: frozenset(vs) for d, vs in box}  # once per new cell, not per pair
         for cell in released[lo:hi]:
-            if cell.box == box:
+            other = cell.box
+            if other == box:
                 continue
-            if max(cell.n_persons, n) >= k and any(
-                    d in sets and sets[d].isdisjoint(vs) for d, vs in cell.box):
-                continue  # disjoint boxes: everyone in either cell differs
+            if n >= k or cell.n_persons >= k:
+                for d, vs in other:
+                    mine = sets.get(d)
+                    if mine is not None and mine.isdisjoint(vs):
+                        break  # disjoint boxes: everyone in either cell differs
+                else:
+                    found.append(Pair(row, cell))
+                continue
             found.append(Pair(row, cell))
     return found
 
