@@ -82,12 +82,17 @@ def _fsync(path: Path) -> None:
 
 
 class _Watchdog:
-    """One thread that interrupts statements past their deadline, for every query of a store
+    """One thread that interrupts statements past their deadline, for every query
     (a ``threading.Timer`` per query started a thread each time: about 1 ms on a busy
     machine). A statement is interrupted only while it is still watched: :meth:`done` waits
     for an interrupt in progress, so a finished cursor is never interrupted afterwards."""
 
     def __init__(self) -> None:
+        self._reset()
+
+    def _reset(self) -> None:
+        # Also in a forked child, which has the memory but neither the thread nor a usable
+        # lock of its parent.
         self._cond = threading.Condition()
         self._due: list[tuple[float, int]] = []  # heap of (deadline, ticket)
         self._watched: dict[int, duckdb.DuckDBPyConnection] = {}
@@ -131,6 +136,11 @@ class _Watchdog:
                 self._watched.pop(ticket).interrupt()
 
 
+# One for the process: every store's statements share the thread (started on first use).
+_WATCHDOG = _Watchdog()
+os.register_at_fork(after_in_child=_WATCHDOG._reset)
+
+
 class QueryStore:
     """Read-only access to the serving version, re-opened when CURRENT changes.
 
@@ -154,7 +164,7 @@ class QueryStore:
         self._version: str | None = None
         self._pointer_stat: tuple[int, int] | None = None
         self._types: dict[tuple[str, str], dict[str, str]] = {}
-        self._watchdog = _Watchdog()
+        self._watchdog = _WATCHDOG
 
     @property
     def version(self) -> str | None:

@@ -3,6 +3,7 @@ types, on a small published version."""
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from pathlib import Path
@@ -61,3 +62,19 @@ def test_column_types_come_from_the_serving_version(store: QueryStore) -> None:
     assert version == "v1"
     assert types == {"n": "BIGINT", "amt": "DECIMAL(18,2)", "x": "DOUBLE"}
     assert store.column_types("missing") == ({}, "v1")
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_worker_keeps_its_own_time_limit(store: QueryStore) -> None:
+    store.fetch("SELECT 1")  # the parent's watchdog thread is running
+    pid = os.fork()
+    if pid == 0:  # the child: a fresh watchdog, or the slow statement would never end
+        try:
+            store.fetch(_SLOW)
+        except QueryTimeout:
+            os._exit(0)
+        except BaseException:
+            os._exit(2)
+        os._exit(1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
