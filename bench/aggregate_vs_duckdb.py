@@ -105,7 +105,11 @@ def main() -> None:
             for name, body in QUERIES.items():
                 query = AggregateQuery.model_validate(body)
                 sql = compile_aggregate(query, catalog, contributions=False).sql
-                gateway_sql = compile_aggregate(query, catalog).sql
+                table = catalog.datasets[query.dataset].table
+                types = dict(direct.execute(
+                    "SELECT column_name, data_type FROM information_schema.columns "
+                    "WHERE table_name = ?", [table]).fetchall())
+                gateway_sql = compile_aggregate(query, catalog, column_types=types).sql
                 http_times: list[float] = []
                 duck_times: list[float] = []
                 gateway_sql_times: list[float] = []

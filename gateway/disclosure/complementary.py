@@ -87,16 +87,22 @@ class Table:
             found.extend(groups.values())
         return found
 
+    @cached_property
+    def _line_persons(self) -> list[int]:
+        # Person counts summed per line, once per result (both series ask).
+        persons = self.persons
+        return [sum(persons[r] for r in line) for line in self._lines]
+
     def known_lines(self, sensitive: Iterable[int], min_cell_size: int) -> list[list[int]]:
         """The lines whose totals the attacker is assumed to know (see the module text)."""
         sensitive = set(sensitive)
-        persons = self.persons
         known = []
-        for line in self._lines:
+        for line, total in zip(self._lines, self._line_persons, strict=True):
             if len(line) == 1:
-                if line[0] in sensitive or persons[line[0]] < min_cell_size:
+                # one cell: its line total is its person count
+                if line[0] in sensitive or total < min_cell_size:
                     continue
-            elif sum(persons[r] for r in line) < min_cell_size:
+            elif total < min_cell_size:
                 continue
             known.append(line)
         return known
@@ -239,10 +245,7 @@ def complementary_suppression(
     sensitive = set(sensitive)
     pattern = sensitive | set(also_suppressed)
     known = table.known_lines(sensitive, min_cell_size)
-    lines_of: dict[int, list[list[int]]] = defaultdict(list)
-    for line in known:
-        for r in line:
-            lines_of[r].append(line)
+    lines_of: dict[int, list[list[int]]] = defaultdict(list)  # filled for the exact check
     exposed = {line[0] for line in known if len(line) == 1}
 
     def order(r: int) -> tuple[bool, int, int]:
@@ -256,6 +259,10 @@ def complementary_suppression(
         if max_exact_cells is not None and len(table.persons) > max_exact_cells:
             exact = False
             break
+        if not lines_of:
+            for line in known:
+                for r in line:
+                    lines_of[r].append(line)
         failing: tuple[int, Sequence[float], float] | None = None
         for cell in sorted(sensitive - unresolved):
             for values in series:

@@ -41,6 +41,7 @@ from gateway.disclosure.differencing import (
     ReleasedCell,
     box_key,
     box_of_cell,
+    boxes_of_cells,
     candidate_pairs,
     difference_sql,
     normalize,
@@ -83,6 +84,8 @@ _CHINA = timezone(timedelta(hours=8))
 MAX_DERIVED_PER_REQUEST = 256
 # How far behind its commit another process's record time may be (incremental re-reads).
 _LAG_NS = 60 * 1_000_000_000
+# One-dimension differences remembered per data version and dataset (then forgotten at once).
+_MAX_DIFFERENCES = 200_000
 
 
 @dataclass(frozen=True)
@@ -237,14 +240,15 @@ class DisclosureControl:
         keys = [tuple(r[:n_dims]) for r in raw_rows]
         persons = [int(r[n_dims] or 0) for r in raw_rows]
         domains = self._domains(data_version, query.dataset, dataset)
-        boxes = [normalize(box_of_cell(query.filters, compiled.dimensions, key), domains)
-                 for key in keys]
+        boxes = boxes_of_cells(query.filters, compiled.dimensions, keys, domains)
         # Check, decide and remember under one lock, in this process and across every worker
         # sharing the state store: a concurrent request must see these cells before it runs
         # its own check.
         with self._check_lock, self.state.exclusive("disclosure-releases"):
+            # Read once in the section: nothing else records releases until it ends.
+            known = self._known_for(data_version, query.dataset, options.difference_k)
             withheld, derived = self._difference_check(
-                query.dataset, dataset, boxes, persons, data_version,
+                query.dataset, dataset, boxes, persons, data_version, known,
                 k=options.difference_k, min_cell_size=obligations.min_cell_size, org=org)
 
             result = disclose(
@@ -265,8 +269,7 @@ class DisclosureControl:
             gone = _withheld_rows(result, len(compiled.measures))
             released_rows = [r for r in range(len(result.rows)) if r not in gone]
             release_id = self._remember(query.dataset, data_version, boxes, persons,
-                                        released_rows, derived, org=org,
-                                        difference_k=options.difference_k)
+                                        released_rows, derived, known, org=org)
         report["release_id"] = release_id
         result = shape(result, having=query.having, order_by=query.order_by,
                        limit=query.limit, column_of=compiled.column_of, hidden=compiled.hidden)
@@ -274,14 +277,14 @@ class DisclosureControl:
 
     def _remember(self, dataset_name: str, data_version: str, boxes: Sequence[Box],
                   persons: Sequence[int], released_rows: Sequence[int],
-                  derived: Mapping[int, list[tuple[Box, int]]], *, org: str | None,
-                  difference_k: int) -> str:
+                  derived: Mapping[int, list[tuple[Box, int]]], known: _Known | None, *,
+                  org: str | None) -> str:
         """Record what the released rows covered (and the boxes they let one derive); the
-        caller holds the release section. Returns the release id."""
+        caller holds the release section, in which it read ``known``. Returns the release
+        id."""
         release_id = "rel-" + secrets.token_hex(8)
         now_ns = int(self.clock() * 1e9)
         # Boxes already remembered (a repeated question) cost no write.
-        known = self._known(data_version, dataset_name) if difference_k >= 2 else None
         remembered = [(boxes[r], persons[r]) for r in released_rows
                       if known is None or boxes[r] not in known.index]
         if remembered:
@@ -315,14 +318,14 @@ class DisclosureControl:
         domains = self._domains(data_version, dataset_name, dataset)
         boxes = [normalize(box_of_cell(filters, dims, key), domains) for dims, key in cells]
         with self._check_lock, self.state.exclusive("disclosure-releases"):
+            known = self._known_for(data_version, dataset_name, options.difference_k)
             withheld, derived = self._difference_check(
-                dataset_name, dataset, boxes, persons, data_version,
+                dataset_name, dataset, boxes, persons, data_version, known,
                 k=options.difference_k, min_cell_size=obligations.min_cell_size, org=org)
 
             def remember(released_rows: Sequence[int]) -> str:
                 return self._remember(dataset_name, data_version, boxes, persons,
-                                      released_rows, derived, org=org,
-                                      difference_k=options.difference_k)
+                                      released_rows, derived, known, org=org)
 
             yield CellRelease(withheld=withheld, remember=remember)
 
@@ -349,6 +352,10 @@ class DisclosureControl:
             }
             self._domain_cache[key] = found
         return found
+
+    def _known_for(self, data_version: str, dataset_name: str, k: int) -> _Known | None:
+        """:meth:`_known` where the difference check runs (k ≥ 2), else None."""
+        return self._known(data_version, dataset_name) if k >= 2 else None
 
     def _known(self, data_version: str, dataset_name: str) -> _Known:
         """Boxes released (or derived from releases) on this version: cached in this
@@ -397,13 +404,16 @@ class DisclosureControl:
 
     def _difference_check(
         self, dataset_name: str, dataset: Any, boxes: Sequence[Box], persons: Sequence[int],
-        data_version: str, *, k: int, min_cell_size: int, org: str | None,
+        data_version: str, known: _Known | None, *, k: int, min_cell_size: int,
+        org: str | None,
     ) -> tuple[dict[int, tuple[str, str | None]], dict[int, list[tuple[Box, int]]]]:
         """Rows to withhold (reason, detail), and per kept row the boxes its release would let
-        an attacker derive (remembered with it)."""
+        an attacker derive (remembered with it). ``known``: :meth:`_known_for` of this
+        version, dataset and k, read in the same release section."""
         if k < 2:
             return {}, {}
-        known = self._known(data_version, dataset_name)
+        if known is None:
+            raise ValueError("the difference check needs the known releases")
         domains = self._domains(data_version, dataset_name, dataset)
 
         def explain(earlier: ReleasedCell, derived: bool) -> str:
@@ -430,7 +440,7 @@ class DisclosureControl:
             seen: set[Box] = set()
             for row, box in frontier:
                 for other in sorted(known.index.neighbours(box)):
-                    x = one_dimension_difference(box, other, domains)
+                    x = known.one_dimension_difference(box, other, domains)
                     if x is None or x in known.index or x in mine or x in seen:
                         continue
                     seen.add(x)
@@ -698,6 +708,9 @@ class _Known:
     index: BoxIndex = field(default_factory=BoxIndex)
     newest_ns: int = 0
     released: dict[Box, ReleasedCell] = field(default_factory=dict)
+    # (box, known box) -> their one-dimension difference: a pure function of the two boxes
+    # and this version's domains, asked again by every repeat of a question.
+    differences: dict[tuple[Box, Box], Box | None] = field(default_factory=dict)
 
     def merge(self, rows: Sequence[tuple[ReleasedRow, int]]) -> None:
         added = False
@@ -716,6 +729,17 @@ class _Known:
 
     def by_box(self, box: Box) -> ReleasedCell | None:
         return self.released.get(box)
+
+    def one_dimension_difference(self, a: Box, b: Box, domains: Domains) -> Box | None:
+        """:func:`.differencing.one_dimension_difference`, remembered (``domains`` are always
+        those of this object's data version and dataset)."""
+        key = (a, b)
+        if key in self.differences:
+            return self.differences[key]
+        if len(self.differences) >= _MAX_DIFFERENCES:
+            self.differences.clear()
+        found = self.differences[key] = one_dimension_difference(a, b, domains)
+        return found
 
 
 def _withheld_rows(result: DisclosedResult, n_measures: int) -> set[int]:

@@ -45,6 +45,7 @@ __all__ = [
     "box_key",
     "box_of_cell",
     "box_predicate",
+    "boxes_of_cells",
     "candidate_pairs",
     "difference_sql",
     "normalize",
@@ -83,15 +84,54 @@ def box_of_cell(
     return tuple((d, tuple(sorted(sets[d]))) for d in sorted(sets))
 
 
+def boxes_of_cells(
+    filters: Mapping[str, Sequence[Any]], dimensions: Sequence[str],
+    keys: Sequence[Sequence[Any]], domains: Domains,
+) -> list[Box]:
+    """``[normalize(box_of_cell(filters, dimensions, key), domains) for key in keys]``, each
+    dimension's part worked out once per distinct value (a large result repeats few values).
+
+    >>> boxes_of_cells({"year": [2024]}, ["gend"], [["1"], ["2"]],
+    ...                {"gend": frozenset({"1", "2"}), "year": frozenset({"2023", "2024"})})
+    [(('gend', ('1',)), ('year', ('2024',))), (('gend', ('2',)), ('year', ('2024',)))]
+    """
+    names = sorted(set(filters) | set(dimensions))
+    column = {d: i for i, d in enumerate(dimensions)}
+    allowed = {d: {_text(v) for v in vs} for d, vs in filters.items()}
+
+    def part(d: str, values: set[str]) -> tuple[str, tuple[str, ...]] | None:
+        normalized = normalize(((d, tuple(sorted(values))),), domains)
+        return normalized[0] if normalized else None
+
+    fixed = {d: part(d, allowed[d]) for d in names if d not in column}
+    seen: dict[str, dict[str, tuple[str, tuple[str, ...]] | None]] = {d: {} for d in column}
+    out: list[Box] = []
+    for key in keys:
+        if len(key) != len(dimensions):
+            raise ValueError("a cell key does not match the dimensions")
+        box: list[tuple[str, tuple[str, ...]]] = []
+        for d in names:
+            i = column.get(d)
+            if i is None:
+                found = fixed[d]
+            else:
+                value = _text(key[i])
+                cache = seen[d]
+                if value in cache:
+                    found = cache[value]
+                else:
+                    own = {value} & allowed[d] if d in allowed else {value}
+                    found = cache[value] = part(d, own)
+            if found is not None:
+                box.append(found)
+        out.append(tuple(box))
+    return out
+
+
 def box_key(dataset: str, box: Box) -> str:
     """A stable name of a box (hex SHA-256 of its canonical JSON)."""
     text = json.dumps([dataset, [[d, list(vs)] for d, vs in box]], separators=(",", ":"))
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-def _disjoint(a: Box, b: Box) -> bool:
-    other = dict(b)
-    return any(d in other and not set(vs) & set(other[d]) for d, vs in a)
 
 
 @dataclass(frozen=True)
@@ -135,10 +175,18 @@ def candidate_pairs(
     for row, box, n in new_cells:
         lo = _bisect_left(counts, n - (k - 1))
         hi = _bisect_right(counts, n + (k - 1))
+        sets = {d: frozenset(vs) for d, vs in box}  # once per new cell, not per pair
         for cell in released[lo:hi]:
-            if cell.box == box:
+            other = cell.box
+            if other == box:
                 continue
-            if _disjoint(cell.box, box) and max(cell.n_persons, n) >= k:
+            if n >= k or cell.n_persons >= k:
+                for d, vs in other:
+                    mine = sets.get(d)
+                    if mine is not None and mine.isdisjoint(vs):
+                        break  # disjoint boxes: everyone in either cell differs
+                else:
+                    found.append(Pair(row, cell))
                 continue
             found.append(Pair(row, cell))
     return found
@@ -308,13 +356,6 @@ def normalize(box: Box, domains: Domains) -> Box:
     return tuple(out)
 
 
-def _values(box: Box, d: str, domains: Domains) -> frozenset[str] | None:
-    for name, values in box:
-        if name == d:
-            return frozenset(values)
-    return domains.get(d)
-
-
 def _without(box: Box, d: str) -> Box:
     return tuple(item for item in box if item[0] != d)
 
@@ -336,12 +377,22 @@ def one_dimension_difference(a: Box, b: Box, domains: Domains) -> Box | None:
     >>> one_dimension_difference((("gend", ("1",)),), (("age_band", ("x",)),), dom) is None
     True
     """
-    dims = {d for d, _ in a} | {d for d, _ in b}
-    differing = [d for d in dims if _values(a, d, domains) != _values(b, d, domains)]
-    if len(differing) != 1:
+    in_a, in_b = dict(a), dict(b)
+    differing: tuple[str, frozenset[str] | None, frozenset[str] | None] | None = None
+    for d in in_a.keys() | in_b.keys():
+        x, y = in_a.get(d), in_b.get(d)
+        if x == y:  # the same value tuple: the same set
+            continue
+        vx = domains.get(d) if x is None else frozenset(x)
+        vy = domains.get(d) if y is None else frozenset(y)
+        if vx == vy:
+            continue
+        if differing is not None:
+            return None  # a second differing dimension
+        differing = (d, vx, vy)
+    if differing is None:
         return None
-    d = differing[0]
-    va, vb = _values(a, d, domains), _values(b, d, domains)
+    d, va, vb = differing
     if va is None or vb is None:
         return None  # an open dimension without a known domain: no complement
     if vb < va:

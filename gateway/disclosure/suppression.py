@@ -134,21 +134,19 @@ def disclose(
     counts = [i for i, m in enumerate(measures) if m not in fields_of]
     width = n_dims + 1 + n_measures + 3 * len(contribution_fields)
 
-    keys: list[tuple[Any, ...]] = []
-    persons: list[int] = []
-    values: list[list[Any]] = []
-    contributions: list[list[CellContribution]] = []
-    for raw in raw_rows:
-        if len(raw) != width:
-            raise ValueError("row shape does not match the query")
-        keys.append(tuple(raw[:n_dims]))
-        persons.append(int(raw[n_dims] or 0))
-        values.append(list(raw[n_dims + 1 : n_dims + 1 + n_measures]))
-        tail = raw[n_dims + 1 + n_measures :]
-        contributions.append(
-            [CellContribution(*tail[3 * j : 3 * j + 3]) for j in range(len(contribution_fields))]
-        )
-    n = len(keys)
+    if any(len(raw) != width for raw in raw_rows):
+        raise ValueError("row shape does not match the query")
+    n = len(raw_rows)
+    # Column by column (one transposition, no object per cell): a large result has thousands
+    # of rows.
+    columns: list[tuple[Any, ...]] = list(zip(*raw_rows, strict=True)) if n else [()] * width
+    keys: list[tuple[Any, ...]] = (list(zip(*columns[:n_dims], strict=True)) if n_dims
+                                   else [()] * n)
+    persons = [int(p or 0) for p in columns[n_dims]]
+    values = columns[n_dims + 1 : n_dims + 1 + n_measures]  # values[i][r]: measure i, row r
+    # (total, top1, top2) columns of each contribution field
+    tops = [columns[n_dims + 1 + n_measures + 3 * j : n_dims + 4 + n_measures + 3 * j]
+            for j in range(len(contribution_fields))]
 
     primary = {r for r in range(n) if persons[r] < min_cell_size}
     reasons: dict[int, str] = dict.fromkeys(primary, "primary")
@@ -162,18 +160,15 @@ def disclose(
     checked = {fields_of[measures[i]] for i in magnitude} & set(contribution_fields)
     if magnitude:
         # exact rules only where a float screen cannot rule the cell safe
-        screened = [
-            may_be_sensitive([c[j].total for c in contributions],
-                             [c[j].top1 for c in contributions],
-                             [c[j].top2 for c in contributions], k=dominance_k, p=p_percent)
-            for j in range(len(contribution_fields))
-        ]
+        screened = [may_be_sensitive(*tops[j], k=dominance_k, p=p_percent)
+                    for j in range(len(contribution_fields))]
         for r in range(n):
             if r in primary:
                 continue
-            for j, cell in enumerate(contributions[r]):
+            for j in range(len(contribution_fields)):
                 if not screened[j][r]:
                     continue
+                cell = CellContribution(tops[j][0][r], tops[j][1][r], tops[j][2][r])
                 why = magnitude_sensitivity(cell, k=dominance_k, p=p_percent)
                 if why is not None:
                     reasons[r] = why
@@ -187,7 +182,7 @@ def disclose(
         table = Table(keys=keys, persons=persons)
         if counts:
             found = complementary_suppression(
-                table, primary, [[_number(values[r][i]) for r in range(n)] for i in counts],
+                table, primary, [[_number(v) for v in values[i]] for i in counts],
                 min_cell_size=min_cell_size, protection_ratio=protection_ratio,
                 max_exact_cells=max_exact_cells,
             )
@@ -195,11 +190,8 @@ def disclose(
             withhold_all |= found.secondary
             unresolved |= found.unresolved
         if magnitude:
-            series = [[_number(values[r][i]) for r in range(n)] for i in magnitude]
-            series += [
-                [_number(contributions[r][j].total) for r in range(n)]
-                for j in range(len(contribution_fields))
-            ]
+            series = [[_number(v) for v in values[i]] for i in magnitude]
+            series += [[_number(v) for v in tops[j][0]] for j in range(len(contribution_fields))]
             found = complementary_suppression(
                 table, primary | magnitude_sensitive, series, min_cell_size=min_cell_size,
                 also_suppressed=withhold_all - primary, protection_ratio=protection_ratio,
@@ -213,6 +205,7 @@ def disclose(
 
     rows: list[list[Any]] = []
     suppressed: list[SuppressedCell] = []
+    by_row = list(zip(*values, strict=True)) if n_measures else [()] * n
     for r in range(n):
         if r in withhold_all:
             gone = set(range(n_measures))
@@ -221,7 +214,7 @@ def disclose(
         else:
             gone = set()
         rows.append([*keys[r], *(None if i in gone else _release(v)
-                                 for i, v in enumerate(values[r]))])
+                                 for i, v in enumerate(by_row[r]))])
         if gone:
             suppressed.append(SuppressedCell(
                 row=r, reason=reasons[r], measures=tuple(measures[i] for i in sorted(gone)),

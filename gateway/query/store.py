@@ -13,8 +13,11 @@ A load writes a whole new version under ``tmp/``, closes and fsyncs it, renames 
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import os
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -78,6 +81,66 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+class _Watchdog:
+    """One thread that interrupts statements past their deadline, for every query
+    (a ``threading.Timer`` per query started a thread each time: about 1 ms on a busy
+    machine). A statement is interrupted only while it is still watched: :meth:`done` waits
+    for an interrupt in progress, so a finished cursor is never interrupted afterwards."""
+
+    def __init__(self) -> None:
+        self._reset()
+
+    def _reset(self) -> None:
+        # Also in a forked child, which has the memory but neither the thread nor a usable
+        # lock of its parent.
+        self._cond = threading.Condition()
+        self._due: list[tuple[float, int]] = []  # heap of (deadline, ticket)
+        self._watched: dict[int, duckdb.DuckDBPyConnection] = {}
+        self._tickets = itertools.count()
+        self._thread: threading.Thread | None = None
+
+    def watch(self, cursor: duckdb.DuckDBPyConnection, timeout_s: float) -> int:
+        deadline = time.monotonic() + timeout_s
+        with self._cond:
+            ticket = next(self._tickets)
+            self._watched[ticket] = cursor
+            earliest = not self._due or deadline < self._due[0][0]
+            heapq.heappush(self._due, (deadline, ticket))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="query-watchdog",
+                                                daemon=True)
+                self._thread.start()
+            elif earliest:
+                self._cond.notify()
+        return ticket
+
+    def done(self, ticket: int) -> None:
+        with self._cond:
+            self._watched.pop(ticket, None)
+
+    def _run(self) -> None:
+        with self._cond:
+            while True:
+                while self._due and self._due[0][1] not in self._watched:
+                    heapq.heappop(self._due)  # finished in time
+                if not self._due:
+                    self._cond.wait()
+                    continue
+                deadline, ticket = self._due[0]
+                left = deadline - time.monotonic()
+                if left > 0:
+                    self._cond.wait(left)
+                    continue
+                heapq.heappop(self._due)
+                # No name keeps the cursor alive while this thread waits afterwards.
+                self._watched.pop(ticket).interrupt()
+
+
+# One for the process: every store's statements share the thread (started on first use).
+_WATCHDOG = _Watchdog()
+os.register_at_fork(after_in_child=_WATCHDOG._reset)
+
+
 class QueryStore:
     """Read-only access to the serving version, re-opened when CURRENT changes.
 
@@ -100,6 +163,8 @@ class QueryStore:
         self._conn: duckdb.DuckDBPyConnection | None = None
         self._version: str | None = None
         self._pointer_stat: tuple[int, int] | None = None
+        self._types: dict[tuple[str, str], dict[str, str]] = {}
+        self._watchdog = _WATCHDOG
 
     @property
     def version(self) -> str | None:
@@ -155,12 +220,33 @@ class QueryStore:
         finally:
             cur.close()
 
+    def column_types(self, table: str) -> tuple[dict[str, str], str]:
+        """Column name → DuckDB type of one table of the serving version (read once per
+        version: versions are immutable), and that version."""
+        self._refresh()
+        version = self._version
+        known = None if version is None else self._types.get((version, table))
+        if known is not None and version is not None:
+            return known, version  # no cursor to open
+        with self.cursor() as (cur, version):
+            found = self._types.get((version, table))
+            if found is None:
+                try:
+                    cur.execute("SELECT column_name, data_type FROM information_schema.columns "
+                                "WHERE table_name = ?", [table])
+                    found = {str(name): str(kind) for name, kind in cur.fetchall()}
+                except duckdb.Error as exc:
+                    raise StoreUnavailable("query store error") from exc
+                if len(self._types) >= 64:
+                    self._types.clear()
+                self._types[(version, table)] = found
+        return found, version
+
     def fetch_arrow(self, sql: str) -> tuple[pa.Table, str]:
         """Run one read-only statement with the time limit; the result as an Arrow table (no
         Python object per value), and the data version."""
         with self.cursor() as (cur, version):
-            timer = threading.Timer(self.timeout_s, cur.interrupt)
-            timer.start()
+            ticket = self._watchdog.watch(cur, self.timeout_s)
             try:
                 table = cur.sql(sql).to_arrow_table()
             except duckdb.InterruptException as exc:
@@ -168,7 +254,7 @@ class QueryStore:
             except duckdb.Error as exc:
                 raise StoreUnavailable("query store error") from exc
             finally:
-                timer.cancel()
+                self._watchdog.done(ticket)
         return table, version
 
     def fetch(
@@ -176,8 +262,7 @@ class QueryStore:
     ) -> tuple[list[str], list[tuple[Any, ...]], str]:
         """Run one read-only statement with the time limit; returns (columns, rows, version)."""
         with self.cursor() as (cur, version):
-            timer = threading.Timer(self.timeout_s, cur.interrupt)
-            timer.start()
+            ticket = self._watchdog.watch(cur, self.timeout_s)
             try:
                 cur.execute(sql, params or [])
                 rows = cur.fetchall()
@@ -187,5 +272,5 @@ class QueryStore:
             except duckdb.Error as exc:
                 raise StoreUnavailable("query store error") from exc
             finally:
-                timer.cancel()
+                self._watchdog.done(ticket)
         return columns, rows, version

@@ -403,11 +403,14 @@ class Gateway:
             grant_id or "", (Decimal(DEFAULT_DOMINANCE_K), Decimal(DEFAULT_P_PERCENT)))
 
     def _compile(self, query: AggregateQuery) -> CompiledQuery:
-        """Compilation is pure, so repeated questions reuse their SQL (bounded cache)."""
-        key = query.model_dump_json()
+        """Compilation is pure, so repeated questions reuse their SQL (bounded cache); the
+        stored column types (per data version) let per-person sums stay 64-bit decimals."""
+        dataset = self.catalog.dataset(query.dataset)
+        types, version = ({}, "") if dataset is None else self.store.column_types(dataset.table)
+        key = version + query.model_dump_json()
         compiled = self._compiled.get(key)
         if compiled is None:
-            compiled = compile_aggregate(query, self.catalog)
+            compiled = compile_aggregate(query, self.catalog, column_types=types)
             if len(self._compiled) >= 1024:
                 self._compiled.clear()
             self._compiled[key] = compiled

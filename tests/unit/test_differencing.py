@@ -14,12 +14,16 @@ from gateway.catalog import default_catalog
 from gateway.disclosure.differencing import (
     NULL_VALUE,
     Box,
+    Domains,
     Pair,
     ReleasedCell,
     box_key,
     box_of_cell,
+    boxes_of_cells,
     candidate_pairs,
     difference_sql,
+    normalize,
+    one_dimension_difference,
     small_differences,
 )
 
@@ -124,3 +128,80 @@ def test_identical_and_disjoint_boxes_are_not_candidates() -> None:
     # Disjoint but both tiny: everyone differs, yet that is fewer than k persons.
     tiny = [ReleasedCell((("gend", ("2",)),), 3, "rel-3")]
     assert len(candidate_pairs([(0, box, 4)], tiny, k=10)) == 1
+
+
+# -- the fast paths against literal references ------------------------------------------------
+
+def _reference_candidates(new: list[tuple[int, Box, int]], released: list[ReleasedCell],
+                          k: int) -> list[Pair]:
+    """Every pair, filtered by the three rules as written in candidate_pairs' docstring."""
+    def disjoint(a: Box, b: Box) -> bool:
+        other = dict(b)
+        return any(d in other and not set(vs) & set(other[d]) for d, vs in a)
+
+    return [Pair(row, cell) for row, box, n in new for cell in released
+            if abs(cell.n_persons - n) <= k - 1 and cell.box != box
+            and not (disjoint(cell.box, box) and max(cell.n_persons, n) >= k)]
+
+
+def _reference_one_dimension_difference(a: Box, b: Box, domains: Domains) -> Box | None:
+    def values(box: Box, d: str) -> frozenset[str] | None:
+        for name, vs in box:
+            if name == d:
+                return frozenset(vs)
+        return domains.get(d)
+
+    differing = [d for d in {d for d, _ in a} | {d for d, _ in b}
+                 if values(a, d) != values(b, d)]
+    if len(differing) != 1:
+        return None
+    d = differing[0]
+    va, vb = values(a, d), values(b, d)
+    if va is None or vb is None:
+        return None
+    larger, smaller, box = (va, vb, a) if vb < va else (vb, va, b)
+    if not smaller < larger:
+        return None
+    rest = tuple(item for item in box if item[0] != d)
+    return normalize(tuple(sorted([*rest, (d, tuple(sorted(larger - smaller)))])), domains)
+
+
+_TEXT_DOMAINS: Domains = {d: frozenset(NULL_VALUE if v is None else str(v) for v in vs)
+                          for d, vs in DOMAINS.items()}
+
+
+def test_candidate_pairs_match_the_literal_rules() -> None:
+    rng = random.Random(5)
+    boxes = [normalize(_random_box(rng), _TEXT_DOMAINS) for _ in range(120)]
+    for k in (2, 5, 10):
+        released = sorted((ReleasedCell(b, rng.randint(1, 30), f"rel-{i}")
+                           for i, b in enumerate(boxes[:60])), key=lambda c: c.n_persons)
+        new = [(i, boxes[i], rng.randint(1, 30)) for i in range(60, 120)]
+        assert candidate_pairs(new, released, k=k) == _reference_candidates(new, released, k)
+
+
+def test_one_dimension_difference_matches_the_literal_definition() -> None:
+    rng = random.Random(8)
+    boxes = [normalize(_random_box(rng), _TEXT_DOMAINS) for _ in range(150)]
+    open_domain = {d: v for d, v in _TEXT_DOMAINS.items() if d != "insu_admdvs"}
+    found = 0
+    for a in boxes:
+        for b in boxes:
+            for domains in (_TEXT_DOMAINS, open_domain):
+                got = one_dimension_difference(a, b, domains)
+                assert got == _reference_one_dimension_difference(a, b, domains), (a, b)
+                found += got is not None
+    assert found > 100  # the comparison met the interesting case often
+
+
+def test_boxes_of_cells_equal_normalized_boxes_of_each_cell() -> None:
+    rng = random.Random(13)
+    names = list(DOMAINS)
+    for _ in range(200):
+        dims = rng.sample(names, rng.randint(0, 3))
+        filters = {d: rng.sample(vs, rng.randint(1, len(vs)))
+                   for d, vs in DOMAINS.items() if rng.random() < 0.5}
+        filters |= {d: ["Z"] for d in names if d not in filters and rng.random() < 0.1}
+        keys = [[rng.choice(DOMAINS[d] + ["Z"]) for d in dims] for _ in range(20)]
+        want = [normalize(box_of_cell(filters, dims, key), _TEXT_DOMAINS) for key in keys]
+        assert boxes_of_cells(filters, dims, keys, _TEXT_DOMAINS) == want

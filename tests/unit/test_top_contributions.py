@@ -85,6 +85,28 @@ def test_top_two_are_per_person_sums_and_measures_equal_the_plain_sql(seed: int)
             assert (total, top1, top2) == (sum(sums), sums[0], sums[1] if len(sums) > 1 else 0)
 
 
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_64_bit_per_person_sums_give_the_same_rows_as_the_generic_statement(seed: int) -> None:
+    con = _settlements(_random_rows(seed))
+    types = dict(con.execute("SELECT column_name, data_type FROM information_schema.columns "
+                             "WHERE table_name = 'settlements'").fetchall())
+    typed = compile_aggregate(_query(), CATALOG, column_types=types)
+    generic = compile_aggregate(_query(), CATALOG)
+    assert "DECIMAL(18, 2)" in typed.sql
+    assert "DECIMAL(18, 2)" not in generic.sql
+    assert con.execute(typed.sql).fetchall() == con.execute(generic.sql).fetchall()
+
+
+def test_a_per_person_sum_too_large_for_64_bits_fails_the_query_never_rounds() -> None:
+    con = _settlements([(1, "1", "1", 2024, Decimal("9999999999999999.99"), Decimal(1)),
+                        (1, "1", "1", 2024, Decimal("0.01"), Decimal(1))])
+    typed = compile_aggregate(_query(), CATALOG,
+                              column_types={"psn_part_amt": "DECIMAL(18,2)",
+                                            "medfee_sumamt": "DECIMAL(18,2)"})
+    with pytest.raises(duckdb.ConversionException):
+        con.execute(typed.sql).fetchall()
+
+
 def test_one_persons_many_settlements_dominate_together_not_alone() -> None:
     # 12 persons of 20 元 each; person 99 has ten settlements of 500 元: no single settlement
     # dominates (500 of 5,240), the person's 5,000 元 does.
