@@ -16,7 +16,7 @@ signed just before each run (DPoP ``iat`` must be under 60 s old).
 After each run the audit log is counted: every 200 the client saw must be one ``allow`` entry.
 Goal (docs/benchmarks.md): >= 1,500 requests/s sustained, p99 <= 25 ms, on this 2-core machine
 where the load generator shares the two cores with the two workers. Writes
-bench/out/enrollment.json (and a .log of progress).
+bench/out/enrollment.json (and a .log of progress) and a chart, bench/out/enrollment.png.
 """
 
 from __future__ import annotations
@@ -284,6 +284,34 @@ def run_wrk(script: Path, prefix: Path, access: str, base_url: str, connections:
     return result
 
 
+def plot_runs(runs: list[dict[str, Any]], path: Path) -> None:
+    """Requests/s and p99 latency by connections, against the goals (1,500/s, 25 ms)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no chart (pip install -e '.[bench]')", file=sys.stderr)
+        return
+    labels = [str(r["connections"]) for r in runs]
+    fig, (rate, tail) = plt.subplots(1, 2, figsize=(9, 3.4))
+    rate.bar(labels, [r["req_per_s"] for r in runs], color="#4878a8")
+    rate.axhline(1500, color="#c44e52", linestyle="--", linewidth=1, label="goal 1,500/s")
+    rate.set_xlabel("wrk connections")
+    rate.set_ylabel("consented checks / s")
+    rate.legend(fontsize=7)
+    tail.bar(labels, [r["p99_us"] / 1000 for r in runs], color="#55a868")
+    tail.axhline(25, color="#c44e52", linestyle="--", linewidth=1, label="goal p99 25 ms")
+    tail.set_xlabel("wrk connections")
+    tail.set_ylabel("p99 latency (ms)")
+    tail.legend(fontsize=7)
+    fig.suptitle("POST /v1/persons/enrollment, 2 workers, every check audited durably",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def signature_check_us(rounds: int = 3000) -> dict[str, float]:
     """One Ed25519 check of a consent-token-sized message, OpenSSL (``cryptography``) and
     libsodium (what the gateway uses, ``gateway.consent.keys.ed25519_verify``), side by side,
@@ -324,7 +352,12 @@ def main() -> None:
     parser.add_argument("--max-rate", type=int, default=2500,
                         help="consents prepared per second of a run (single use)")
     parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument("--replot", type=Path, help="only redraw the chart from a results file")
     args = parser.parse_args()
+    if args.replot is not None:
+        plot_runs(json.loads(args.replot.read_text("utf-8"))["runs"],
+                  args.replot.with_suffix(".png"))
+        return
 
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="enroll-bench-"))
     port = free_port()
@@ -398,6 +431,7 @@ def main() -> None:
                 "were running tests at the same time: compare runs of this file as ratios",
     }
     (OUT / "enrollment.json").write_text(json.dumps(report, indent=1) + "\n", "utf-8")
+    plot_runs(runs, OUT / "enrollment.png")
     (OUT / "enrollment.log").write_text("\n".join(_LOG) + "\n", "utf-8")
     say(f"wrote {OUT / 'enrollment.json'}")
 
