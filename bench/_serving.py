@@ -1,5 +1,5 @@
 """What the benchmarks that start a real `gateway serve` share: a free loopback port and the
-wait until the server answers ``/readyz``."""
+wait until the server answers ``/readyz`` with every worker listening."""
 
 from __future__ import annotations
 
@@ -23,13 +23,27 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_ready(base_url: str, proc: subprocess.Popen[bytes], timeout_s: float = 120) -> None:
+def listening(port: int) -> int:
+    """How many sockets listen on 127.0.0.1:``port`` (with ``--workers N``, one per worker
+    once it has started: gateway.cli.listeners)."""
+    local = f"0100007F:{port:04X}"
+    with open("/proc/net/tcp", encoding="ascii") as fh:
+        return sum(1 for line in fh.readlines()[1:]
+                   if (parts := line.split())[1] == local and parts[3] == "0A")
+
+
+def wait_ready(base_url: str, proc: subprocess.Popen[bytes], timeout_s: float = 120, *,
+               workers: int = 1) -> None:
+    """Until ``/readyz`` answers 200 and all ``workers`` listen (the first one up answers
+    before the others have started)."""
+    port = int(base_url.rsplit(":", 1)[1].split("/")[0])
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise SystemExit("gateway exited during start-up")
         try:
-            if httpx.get(base_url + "/readyz", timeout=2).status_code == 200:
+            if (httpx.get(base_url + "/readyz", timeout=2).status_code == 200
+                    and (workers == 1 or listening(port) >= workers)):
                 return
         except httpx.HTTPError:
             pass

@@ -3,7 +3,7 @@
 single-use consent token and a fresh DPoP proof, every one verified, decided by the policy and
 audited durably before it answers.
 
-    python bench/enrollment_http.py [--persons 100000] [--duration 15]
+    python bench/enrollment_http.py [--persons 100000] [--duration 10] [--warmup 3]
                                     [--connections 8,16,32] [--workdir DIR]
 
 Load comes from a second process, ``wrk`` (Debian package ``wrk``, closed loop: a fixed number
@@ -36,13 +36,12 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import httpx
 import jwt
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench._serving import free_port  # noqa: E402
+from bench._serving import free_port, wait_ready  # noqa: E402
 from gateway.auth.keys import load_or_create_private_key, public_key_pem  # noqa: E402
 from gateway.auth.tokens import Principal  # noqa: E402
 from gateway.cli.clients import register_client  # noqa: E402
@@ -231,19 +230,12 @@ def serve(settings: Settings, port: int, workers: int) -> subprocess.Popen[bytes
         [sys.executable, "-m", "gateway.cli.main", "serve", "--workdir", str(settings.workdir),
          "--port", str(port), "--workers", str(workers)],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit("server exited: " + (proc.stderr.read().decode()
-                                                  if proc.stderr else ""))
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    proc.terminate()
-    raise SystemExit("server never became ready")
+    try:
+        wait_ready(f"http://127.0.0.1:{port}", proc, 120, workers=workers)
+    except SystemExit:
+        proc.terminate()
+        raise
+    return proc
 
 
 def _tree_cpu_s(root: int) -> float:
@@ -346,6 +338,8 @@ def main() -> None:
     parser.add_argument("--persons", type=int, default=100_000)
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--duration", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3,
+                        help="seconds of load before each measured run (not counted)")
     parser.add_argument("--connections", default="8,16,32")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1, help="wrk threads")
@@ -372,17 +366,25 @@ def main() -> None:
     script.write_text(LUA, "utf-8")
     runs = []
     for connections in (int(c) for c in args.connections.split(",")):
-        count = args.max_rate * args.duration
+        count = args.max_rate * (args.duration + args.warmup)
         say(f"recording {count:,} single-use consents")
         tokens, access, consent_rate = issue_consents(settings, count, jkt)
+        warm = args.max_rate * args.warmup
         say(f"  {consent_rate:,.0f} consents/s")
         before = count_audited(settings)
         proc = serve(settings, port, args.workers)
         try:
             # Proofs last 60 s: sign them now, just before the run.
             prefix = workdir / "requests"
-            write_requests(prefix, tokens, access, dpop_key, base_url, args.threads)
+            if args.warmup:
+                write_requests(workdir / "warmup", tokens[:warm], access, dpop_key, base_url,
+                               args.threads)
+                say(f"warm-up: {connections} connections, {args.warmup} s (not counted)")
+                run_wrk(script, workdir / "warmup", access, base_url, connections,
+                        args.warmup, args.threads)
+            write_requests(prefix, tokens[warm:], access, dpop_key, base_url, args.threads)
             say(f"wrk: {connections} connections, {args.duration} s, {args.workers} workers")
+            warmed = count_audited(settings).get("allow", 0) - before.get("allow", 0)
             cpu_before = _tree_cpu_s(proc.pid)
             result = run_wrk(script, prefix, access, base_url, connections, args.duration,
                              args.threads)
@@ -405,10 +407,12 @@ def main() -> None:
             proc.terminate()
             proc.wait(timeout=30)
         after = count_audited(settings)
-        allowed = after.get("allow", 0) - before.get("allow", 0)
+        allowed = after.get("allow", 0) - before.get("allow", 0) - warmed
         result.update({"connections": connections, "workers": args.workers,
+                       "warmup_s": args.warmup,
                        "audited_allow": allowed,
-                       "audited_other": sum(after.values()) - sum(before.values()) - allowed,
+                       "audited_other": (sum(after.values()) - sum(before.values())
+                                         - allowed - warmed),
                        "consents_per_s_setup": round(consent_rate)})
         say(f"  {result['req_per_s']:,.0f} req/s, p50 {result['p50_us'] / 1000:.1f} ms, "
             f"p99 {result['p99_us'] / 1000:.1f} ms, non-2xx {result['non_2xx']}, "

@@ -45,7 +45,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench._serving import free_port  # noqa: E402
+from bench._serving import free_port, wait_ready  # noqa: E402
 
 OUT = ROOT / "bench" / "out"
 WORKDIR = OUT / "topology"
@@ -243,19 +243,12 @@ def serve(port: int, workers: int, state_url: str | None) -> subprocess.Popen[by
         [sys.executable, "-m", "gateway.cli.main", "serve", "--workdir", str(WORKDIR),
          "--port", str(port), "--workers", str(workers)], env=env,
         stdout=subprocess.DEVNULL, stderr=(WORKDIR / "serve.log").open("ab"))
-    deadline = time.monotonic() + 180
-    ready = 0
-    while time.monotonic() < deadline and ready < 3 * workers:
-        try:  # several ready answers in a row: every worker is up, not just the first
-            ok = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200
-            ready = ready + 1 if ok else 0
-        except httpx.HTTPError:
-            ready = 0
-        time.sleep(0.3)
-    if ready < 3 * workers:
+    try:
+        wait_ready(f"http://127.0.0.1:{port}", proc, 180, workers=workers)
+    except SystemExit:
         proc.kill()
-        raise SystemExit("gateway did not become ready; see " + str(WORKDIR / "serve.log"))
-    time.sleep(2)  # let the last spawned workers finish importing
+        raise SystemExit("gateway did not become ready; see "
+                         + str(WORKDIR / "serve.log")) from None
     return proc
 
 

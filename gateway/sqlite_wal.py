@@ -11,7 +11,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-__all__ = ["WriteTurn", "WriteTurnTimeout", "enable_wal"]
+__all__ = ["WriteTurn", "WriteTurnBusy", "WriteTurnTimeout", "enable_wal"]
 
 
 def enable_wal(conn: sqlite3.Connection, *, within_s: float = 5.0) -> None:
@@ -31,6 +31,11 @@ def enable_wal(conn: sqlite3.Connection, *, within_s: float = 5.0) -> None:
 
 class WriteTurnTimeout(sqlite3.OperationalError):
     """The write turn was not free within the wait bound (the file stays "locked")."""
+
+
+class WriteTurnBusy(Exception):
+    """Asked not to wait (``held(wait=False)``) and another writer holds the turn: nothing was
+    done; try again later."""
 
 
 # Polling steps while another process holds the turn: a commit holds it for a fraction of a
@@ -68,12 +73,22 @@ class WriteTurn:
         return self._fd
 
     @contextmanager
-    def held(self) -> Iterator[None]:
-        if not self._thread_lock.acquire(timeout=self._timeout_s):
+    def held(self, *, wait: bool = True) -> Iterator[None]:
+        """The turn for the body of the ``with``; with ``wait=False``, :class:`WriteTurnBusy`
+        at once if another thread or process holds it (an event loop must not sleep here)."""
+        if not self._thread_lock.acquire(timeout=self._timeout_s if wait else 0):
+            if not wait:
+                raise WriteTurnBusy
             raise WriteTurnTimeout("database is locked (write turn busy in this process)")
         try:
             fd = self._file()
-            self._take_file(fd)
+            if wait:
+                self._take_file(fd)
+            else:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    raise WriteTurnBusy from None
             try:
                 yield
             finally:

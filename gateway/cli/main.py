@@ -103,16 +103,18 @@ def serve(
     port: Annotated[int, typer.Option(help="port")] = 8000,
     base_url: Annotated[str | None, typer.Option(help="public base URL")] = None,
     workers: Annotated[int, typer.Option(
-        min=1, help="worker processes sharing the socket and the state (uvicorn)")] = 1,
+        min=1, help="worker processes sharing the port and the state (uvicorn)")] = 1,
 ) -> None:
-    """Serve the gateway API (uvicorn). With --workers N, N processes accept on one socket;
-    they share grants, consents, replay stores and the audit log through the state store
+    """Serve the gateway API (uvicorn). With --workers N, N processes each accept on a
+    listener of their own (one SO_REUSEPORT group: Linux spreads the connections); they
+    share grants, consents, replay stores and the audit log through the state store
     (GATEWAY_STATE_URL=postgresql://… in production, or the SQLite files of one machine)."""
     import os
 
     import uvicorn
 
     from gateway.api.app import create_app, settle_heap
+    from gateway.cli.listeners import ReusePortListener, reuse_port_supported
     from gateway.service.bootstrap import build_gateway
 
     settings = _settings(workdir, base_url=base_url or f"http://{host}:{port}")
@@ -129,8 +131,21 @@ def serve(
     # Spawned workers rebuild their gateway from the environment (see worker_app).
     os.environ["GATEWAY_WORKDIR"] = str(workdir)
     os.environ["GATEWAY_BASE_URL"] = settings.base_url
-    uvicorn.run("gateway.cli.main:worker_app", factory=True, workers=workers, host=host,
-                port=port, log_level="warning", access_log=False)
+    if not reuse_port_supported():  # one shared socket: the kernel balances nothing
+        uvicorn.run("gateway.cli.main:worker_app", factory=True, workers=workers, host=host,
+                    port=port, log_level="warning", access_log=False)
+        return
+    # A listener per worker (gateway.cli.listeners), under uvicorn's own supervisor.
+    from uvicorn.supervisors import Multiprocess
+
+    config = uvicorn.Config("gateway.cli.main:worker_app", factory=True, workers=workers,
+                            host=host, port=port, log_level="warning", access_log=False)
+    try:
+        listener = ReusePortListener(host, port)
+    except OSError as exc:
+        raise typer.BadParameter(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    with listener:
+        Multiprocess(config, sockets=[listener]).run()
 
 
 def worker_app() -> Any:

@@ -30,6 +30,7 @@ from gateway.consent.model import PURPOSES, DataPeriod
 from gateway.errors import PolicyDenied, StoreUnavailable, ValidationFailed
 from gateway.ingest.pseudonym import KEY_BYTES, load_or_create_key
 from gateway.query.store import QueryStore
+from gateway.sqlite_wal import WriteTurnBusy
 from gateway.state.consents import ReplaySpend, StoredConsentKey
 from gateway.state.store import StateStore
 
@@ -163,6 +164,9 @@ def new_consent_key(keys_dir: Path) -> tuple[str, dict[str, str], str]:
 
 # Expired replay ids are forgotten at most this often per process (not in every batch).
 _PURGE_EVERY_S = 1.0
+# How long a batch waits on the loop for the write turn before it fails closed (the bound of
+# gateway.sqlite_wal.WriteTurn for a waiting thread).
+_TURN_WAIT_BOUND_S = 5.0
 
 
 class ReplayBatcher:
@@ -174,7 +178,9 @@ class ReplayBatcher:
 
     The write blocks the loop for one short transaction per batch rather than going through a
     writer thread: measured in-process at 16 concurrent checks, the thread's wake-ups and GIL
-    hand-offs cost more CPU than the write (1.02 → 0.66 ms per check, all threads). Thread
+    hand-offs cost more CPU than the write (1.02 → 0.66 ms per check, all threads). The loop
+    never sleeps for another worker's write turn, though: a batch that finds it taken waits on
+    the loop (tried again next turn, then each millisecond), growing meanwhile. Thread
     callers (:meth:`spend`) write their own transaction; across threads and processes the
     database arbitrates, as it does across batches."""
 
@@ -184,6 +190,7 @@ class ReplayBatcher:
                             list[tuple[ReplaySpend, int, asyncio.Future[tuple[bool, bool]]]]] = {}
         self._purged_at = -_PURGE_EVERY_S
         self._purge_lock = threading.Lock()
+        self._busy_since: dict[asyncio.AbstractEventLoop, float] = {}
         # A local file (SQLite) is written by the loop itself; a database server is a network
         # round trip per statement, so its batches go to one writer thread instead.
         self._writer = None if state.dialect == "sqlite" else ThreadPoolExecutor(
@@ -211,10 +218,16 @@ class ReplayBatcher:
         items, now_ns = [item for item, _, _ in batch], min(now for _, now, _ in batch)
         if self._writer is None:
             try:
-                results = self._write(items, now_ns)
+                # Never sleep on the loop for another worker's turn: come back instead.
+                results = self._write(items, now_ns, wait=False)
+            except WriteTurnBusy:
+                self._flush_later(loop, batch)
+                return
             except Exception as exc:
+                self._busy_since.pop(loop, None)
                 _settle(batch, None, exc)
                 return
+            self._busy_since.pop(loop, None)
             _settle(batch, results, None)
             return
         written = loop.run_in_executor(self._writer, self._write, items, now_ns)
@@ -225,13 +238,36 @@ class ReplayBatcher:
 
         written.add_done_callback(settle)
 
-    def _write(self, items: list[ReplaySpend], now_ns: int) -> list[tuple[bool, bool]]:
+    def _flush_later(self, loop: asyncio.AbstractEventLoop,
+                     batch: list[tuple[ReplaySpend, int, asyncio.Future[tuple[bool, bool]]]]
+                     ) -> None:
+        """Another thread or process holds the file's write turn (its commit takes a fraction
+        of a millisecond): the batch waits on the loop, growing with the requests that arrive
+        meanwhile, and fails closed after the write turn's bound."""
+        now = time.monotonic()
+        since = self._busy_since.setdefault(loop, now)
+        if now - since > _TURN_WAIT_BOUND_S:
+            self._busy_since.pop(loop, None)
+            _settle(batch, None, StoreUnavailable("replay store busy"))
+            return
+        queued = self._pending.setdefault(loop, [])
+        queued[:0] = batch  # first come, first inserted: a repeated id loses to its first use
+        # Once at the next turn of the loop, then each millisecond (the loop's timer step).
+        loop.call_later(0 if since == now else 0.001, self._flush, loop)
+
+    def _write(self, items: list[ReplaySpend], now_ns: int, *,
+               wait: bool = True) -> list[tuple[bool, bool]]:
         with self._purge_lock:
             now = time.monotonic()
             purge = now - self._purged_at >= _PURGE_EVERY_S
             if purge:
                 self._purged_at = now
-        return self._state.spend_replay_ids(items, now_ns, purge=purge)
+        try:
+            return self._state.spend_replay_ids(items, now_ns, purge=purge, wait=wait)
+        except WriteTurnBusy:
+            if purge:
+                self._purged_at = -_PURGE_EVERY_S
+            raise
 
 
 def _settle(batch: list[tuple[ReplaySpend, int, asyncio.Future[tuple[bool, bool]]]],

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import logging
 import secrets
 import threading
 import time
@@ -99,6 +100,8 @@ from gateway.state.consents import ReplaySpend, StoredConsent
 from gateway.state.store import StateStore
 
 __all__ = ["Audited", "Gateway"]
+
+_log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -553,6 +556,23 @@ class Gateway:
                                 {"first": first, "second": second}, build)
 
     # -- individual consent (docs/consent.md) ------------------------------------------
+    def _person_index(self, config: ConsentConfig) -> PersonIndex:
+        if config.persons is None:
+            config.persons = PersonIndex(self.store)
+        return config.persons
+
+    def warm_up(self) -> None:
+        """Before a serving process takes requests: the policy's data and the person index of
+        the serving data version, which the first 投保身份校验 would otherwise wait for (a
+        read of the whole ``persons`` table). What fails here is left to the requests and
+        ``/readyz`` to report."""
+        try:
+            self._sync_policy_data()
+            if self.consent is not None and self.store.ready():
+                self._person_index(self.consent).refresh()
+        except GatewayError as exc:
+            _log.warning("warm-up incomplete: %s", exc.code)
+
     def _consent_config(self) -> ConsentConfig:
         if self.consent is None:
             raise StoreUnavailable("consent keys are not configured (run `gateway init`)")
@@ -845,11 +865,10 @@ class Gateway:
             if not decision.allow:
                 raise PolicyDenied(decision.reasons)
             await self._spend(principal, dpop_jti, verified, now)
-            if config.persons is None:
-                config.persons = PersonIndex(self.store)
-            if config.persons.stale():  # a new data version: read it off the event loop
-                await asyncio.to_thread(config.persons.refresh)
-            row, data_version = config.persons.get(person_from_subject(subject))
+            persons = self._person_index(config)
+            if persons.stale():  # a new data version: read it off the event loop
+                await asyncio.to_thread(persons.refresh)
+            row, data_version = persons.get(person_from_subject(subject))
             today = datetime.fromtimestamp(now, tz=CHINA_TZ).date()
             body = enrollment_answer(row, today)
         except GatewayError as exc:

@@ -103,7 +103,7 @@ class DisclosureStatements(ABC):
     """The disclosure statements over a backend's transactions."""
 
     @abstractmethod
-    def _tx(self, *, write: bool = False) -> AbstractContextManager[Any]:
+    def _tx(self, *, write: bool = False, wait: bool = True) -> AbstractContextManager[Any]:
         """A cursor inside one transaction (see :class:`gateway.state.store.StateStore`)."""
 
     # -- released cells (difference check) --------------------------------------------

@@ -210,7 +210,7 @@ class ConsentStatements(ABC):
     """The consent statements over a backend's transactions."""
 
     @abstractmethod
-    def _tx(self, *, write: bool = False) -> AbstractContextManager[Any]:
+    def _tx(self, *, write: bool = False, wait: bool = True) -> AbstractContextManager[Any]:
         """A cursor inside one transaction (see :class:`gateway.state.store.StateStore`)."""
 
     @staticmethod
@@ -387,7 +387,7 @@ class ConsentStatements(ABC):
             (client_id, jti, expires_ns), now_ns)
 
     def spend_replay_ids(self, items: Sequence[ReplaySpend], now_ns: int, *,
-                         purge: bool = True) -> list[tuple[bool, bool]]:
+                         purge: bool = True, wait: bool = True) -> list[tuple[bool, bool]]:
         """Many requests' single-use ids in one write transaction (group commit: one fsync
         for a batch of concurrent requests). Per item, in order: its DPoP ``jti`` (keyed with
         its client), then — only if that was new — its consent ``jti`` when it has one.
@@ -396,9 +396,10 @@ class ConsentStatements(ABC):
         it then). Within a batch, a repeated id loses to its first occurrence, as across
         batches: the insert is the arbiter. ``purge`` first forgets the ids past their
         expiry (only to bound the tables: an expired proof or token is refused before it
-        gets here, so a caller may purge less often than it writes)."""
+        gets here, so a caller may purge less often than it writes). ``wait=False``: see
+        ``_tx`` (nothing is written when the turn is busy)."""
         out: list[tuple[bool, bool]] = []
-        with self._tx(write=True) as cur:
+        with self._tx(write=True, wait=wait) as cur:
             if purge:
                 cur.execute("DELETE FROM dpop_jti WHERE expires_ns < ?", (now_ns,))
                 cur.execute("DELETE FROM consumed_consent_jti WHERE expires_ns < ?", (now_ns,))

@@ -150,7 +150,7 @@ class PostgresStateStore(StateStore):
             raise StoreUnavailable("state store unavailable") from exc
 
     @contextmanager
-    def _tx(self, *, write: bool = False) -> Iterator[Cursor]:
+    def _tx(self, *, write: bool = False, wait: bool = True) -> Iterator[Cursor]:
         with self._transaction(lock=write) as cur:
             yield cur
 

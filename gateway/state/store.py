@@ -112,10 +112,12 @@ class StateStore(ConsentStatements, DisclosureStatements, RateLimitStatements, A
         must see every earlier release). Backend errors surface as StoreUnavailable."""
 
     @abstractmethod
-    def _tx(self, *, write: bool = False) -> AbstractContextManager[Any]:
+    def _tx(self, *, write: bool = False, wait: bool = True) -> AbstractContextManager[Any]:
         """A :class:`Cursor` inside one transaction (the database's write lock when
         ``write``), committed on success, rolled back on error; backend errors surface as
-        StoreUnavailable, constraint violations as IntegrityViolation."""
+        StoreUnavailable, constraint violations as IntegrityViolation. ``wait=False``: a
+        SQLite writer raises :class:`~gateway.sqlite_wal.WriteTurnBusy` instead of waiting
+        for another writer's turn (a database server's lock is always waited for)."""
 
     # -- schema ------------------------------------------------------------------------
     dialect: Dialect
@@ -353,7 +355,8 @@ class SqliteStateStore(StateStore):
         return self._tx(write=True, durable=False)
 
     @contextmanager
-    def _tx(self, *, write: bool = False, durable: bool = True) -> Iterator[Cursor]:
+    def _tx(self, *, write: bool = False, wait: bool = True,
+            durable: bool = True) -> Iterator[Cursor]:
         if not write:
             with self._tx_on_connection("BEGIN", durable) as cur:
                 yield cur
@@ -361,7 +364,7 @@ class SqliteStateStore(StateStore):
         # Writers take turns before asking SQLite (whose busy handler sleeps milliseconds).
         with ExitStack() as turn:
             try:
-                turn.enter_context(self._write_turn.held())
+                turn.enter_context(self._write_turn.held(wait=wait))
             except (OSError, sqlite3.Error) as exc:
                 raise StoreUnavailable("state store unavailable") from exc
             with self._tx_on_connection("BEGIN IMMEDIATE", durable) as cur:

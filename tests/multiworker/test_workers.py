@@ -1,6 +1,6 @@
 """Several gateway workers over a real socket, sharing state: ``gateway serve --workers 4``
-(uvicorn processes accepting on one socket) on PostgreSQL (state and audit log in one
-database) and on the SQLite files.
+(uvicorn processes, each accepting on a listener of its own in one SO_REUSEPORT group) on
+PostgreSQL (state and audit log in one database) and on the SQLite files.
 
 Every request goes over its own TCP connection, and the test finds which worker process
 accepted it (the server side of the connection in ``/proc``), so "every worker" is checked,
@@ -189,7 +189,8 @@ def _start(workdir: Path, port: int, state_url: str | None) -> subprocess.Popen[
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             pytest.fail("gateway exited: " + (workdir / "serve.log").read_text()[-2000:])
-        if len(_children(proc.pid)) >= WORKERS:
+        # Each worker listens once it has built its gateway.
+        if len(_children(proc.pid)) >= WORKERS and len(_listeners(port)) >= WORKERS:
             try:
                 conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
                 conn.request("GET", "/healthz")
@@ -272,10 +273,43 @@ def _until_every_worker(cluster: Cluster, send: Any, *, limit: int = 200) -> lis
     return answers
 
 
-def test_four_workers_accept_on_one_socket(cluster: Cluster) -> None:
-    assert len(cluster.workers()) == WORKERS
+def _listeners(port: int) -> list[str]:
+    """Inodes of the sockets listening on 127.0.0.1:port."""
+    local = f"0100007F:{port:04X}"
+    return [parts[9] for line in Path("/proc/net/tcp").read_text().splitlines()[1:]
+            if (parts := line.split())[1] == local and parts[3] == "0A"]
+
+
+def test_four_workers_accept_on_listeners_of_their_own(cluster: Cluster) -> None:
+    workers = cluster.workers()
+    assert len(workers) == WORKERS
+    # One listener per worker (gateway.cli.listeners), not one socket shared by all.
+    owners = [_owner(inode, workers) for inode in _listeners(cluster.port)]
+    assert len(owners) == WORKERS
+    assert set(owners) == workers
     answers = _until_every_worker(cluster, lambda: cluster.request("GET", "/readyz"))
     assert {a.status for a in answers} == {200}
+
+
+def test_connections_opened_at_once_are_spread_over_the_workers(cluster: Cluster) -> None:
+    """A burst of 40 keep-alive connections: with one shared socket, the worker awake took
+    most of them; with a listener each, every worker holds some (P(one holds none) ~ 4e-5)."""
+    conns = [http.client.HTTPConnection("127.0.0.1", cluster.port, timeout=30)
+             for _ in range(40)]
+    try:
+        for conn in conns:
+            conn.connect()
+        for conn in conns:
+            conn.request("GET", "/healthz")
+            assert conn.getresponse().read()
+        workers = cluster.workers()
+        held = [_owner(inode, workers) for conn in conns
+                if (inode := _socket_inode(cluster.port, conn.sock.getsockname()[1]))]
+        assert len(held) == 40
+        assert set(held) == workers, {w: held.count(w) for w in workers}
+    finally:
+        for conn in conns:
+            conn.close()
 
 
 def test_grant_revocation_holds_in_every_worker_from_the_next_request(cluster: Cluster) -> None:

@@ -283,3 +283,54 @@ def test_replay_batcher_fails_every_waiter_of_a_failed_write_then_recovers(tmp_p
         batcher.spend(ReplaySpend("c-1", "thread-proof-id", far), 0)
     saboteur.execute("DROP TRIGGER refuse")
     assert asyncio.run(spend_all("b")) == [(True, True)] * 12
+
+
+def test_replay_batcher_waits_for_another_writers_turn_without_blocking_the_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Another process holds the state file's write turn (here a second ``WriteTurn`` on the
+    same file: its flock is another open file, as in another worker). The batch waits on the
+    loop, not in it: other coroutines keep running, the spend completes once the turn is
+    released, and a turn held past the bound fails the batch closed."""
+    import asyncio
+
+    from gateway.errors import StoreUnavailable
+    from gateway.service import consents as service_consents
+    from gateway.service.consents import ReplayBatcher
+    from gateway.sqlite_wal import WriteTurn
+    from gateway.state.consents import ReplaySpend
+    from gateway.state.store import SqliteStateStore
+
+    path = tmp_path / "state.sqlite"
+    batcher = ReplayBatcher(SqliteStateStore(path))
+    other_worker = WriteTurn(path)
+    far = 2**62
+
+    async def spend_while_held() -> tuple[list[tuple[bool, bool]], int]:
+        ticks = 0
+        with other_worker.held():
+            spends = asyncio.gather(*(batcher.spend_async(
+                ReplaySpend("c-1", f"proof-{n}-xxxxxxxx", far, "jti-1", "cst-1", far), 0)
+                for n in range(4)))
+            for _ in range(20):  # the loop is free: this coroutine runs while they wait
+                await asyncio.sleep(0.001)
+                ticks += 1
+            assert not spends.done()
+        return list(await spends), ticks
+
+    results, ticks = asyncio.run(spend_while_held())
+    assert ticks == 20
+    assert results == [(True, True), (True, False), (True, False), (True, False)]
+
+    monkeypatch.setattr(service_consents, "_TURN_WAIT_BOUND_S", 0.05)
+
+    async def spend_past_the_bound() -> object:
+        with other_worker.held():
+            return (await asyncio.gather(batcher.spend_async(
+                ReplaySpend("c-1", "late-proof-xxxxxxxx", far), 0), return_exceptions=True))[0]
+
+    assert isinstance(asyncio.run(spend_past_the_bound()), StoreUnavailable)
+    # Nothing was written for it: the same proof is new once the turn is free.
+    assert asyncio.run(batcher.spend_async(ReplaySpend("c-1", "late-proof-xxxxxxxx", far),
+                                           0)) == (True, True)
+    other_worker.close()

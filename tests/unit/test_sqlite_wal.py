@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from gateway.sqlite_wal import WriteTurn, WriteTurnTimeout, enable_wal
+from gateway.sqlite_wal import WriteTurn, WriteTurnBusy, WriteTurnTimeout, enable_wal
 
 
 def test_wal_is_set_once_a_brief_exclusive_lock_is_released(tmp_path: Path) -> None:
@@ -96,3 +96,36 @@ def test_writers_in_four_processes_taking_turns_never_meet_a_locked_file(tmp_pat
         w.join(60)
     assert [w.exitcode for w in workers] == [0, 0, 0, 0]  # "database is locked" would exit 1
     assert conn.execute("SELECT n FROM counter").fetchone() == (600,)
+
+
+def test_a_writer_that_must_not_wait_is_told_the_turn_is_busy(tmp_path: Path) -> None:
+    """``held(wait=False)`` (an event loop's writer): busy at once, whether the turn is held
+    by another thread of this process or by another open file (another process)."""
+    path = tmp_path / "x.sqlite"
+    turn, other_process = WriteTurn(path), WriteTurn(path)
+    with other_process.held():
+        started = time.monotonic()
+        with pytest.raises(WriteTurnBusy), turn.held(wait=False):
+            pass
+        assert time.monotonic() - started < 0.05
+    taken = threading.Event()
+    release = threading.Event()
+
+    def hold() -> None:
+        with turn.held():
+            taken.set()
+            release.wait(5)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    taken.wait(5)
+    with pytest.raises(WriteTurnBusy), turn.held(wait=False):
+        pass
+    release.set()
+    holder.join()
+    with turn.held(wait=False):  # free again: taken at once, and released
+        pass
+    with other_process.held(wait=False):
+        pass
+    turn.close()
+    other_process.close()

@@ -1,0 +1,69 @@
+"""The listening sockets of ``gateway serve --workers N``: one per worker, all in one
+``SO_REUSEPORT`` group, so the kernel spreads new connections over the workers.
+
+uvicorn's multi-process mode binds one socket in the parent and every worker accepts on it.
+The kernel then hands a burst of new connections to whichever worker is awake: measured here
+with 16 keep-alive connections and 2 workers, one worker usually held 14 to 16 of them and the
+other idled (docs/benchmarks.md, "Connections across workers"). With a listener of its own per
+worker in one ``SO_REUSEPORT`` group, Linux picks the listener of each new connection by a hash
+of its addresses: each worker gets its share, whoever is awake.
+
+uvicorn's supervisor (health checks, restarts, signals) is kept: it hands every worker it
+starts the same list of sockets, pickled. What crosses here is :class:`ReusePortListener`,
+whose pickled form is the recipe of a listener rather than the parent's socket, so each worker,
+restarted ones too, unpickles a socket of its own bound to the same address.
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import Any
+
+__all__ = ["ReusePortListener", "reuse_port_socket", "reuse_port_supported"]
+
+
+def reuse_port_supported() -> bool:
+    """Linux spreads connections over a ``SO_REUSEPORT`` group; elsewhere the option may exist
+    with other meanings (the BSDs give all connections to one socket)."""
+    import sys
+
+    return sys.platform.startswith("linux") and hasattr(socket, "SO_REUSEPORT")
+
+
+def reuse_port_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to ``(host, port)`` in that address's ``SO_REUSEPORT`` group (not
+    yet listening: the server calls ``listen``)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    sock.set_inheritable(True)
+    return sock
+
+
+class ReusePortListener(socket.socket):
+    """The parent's placeholder: bound with ``SO_REUSEPORT`` and never listening, it holds the
+    address (a port already taken fails here, before any worker starts; only a process of the
+    same user may join the group). Pickled into a worker it becomes a new socket bound to the
+    same address, which that worker listens on."""
+
+    def __init__(self, host: str, port: int) -> None:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        super().__init__(family, socket.SOCK_STREAM)
+        try:
+            self.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            self.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            self.bind((host, port))
+        except OSError:
+            self.close()
+            raise
+        # Port 0 means "any": the workers join the one the parent got.
+        self.address: tuple[str, int] = (host, int(self.getsockname()[1]))
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (reuse_port_socket, self.address)
