@@ -38,7 +38,14 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import orjson
 from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    field_serializer,
+    field_validator,
+    model_validator,
+)
 
 from gateway.audit.entry import AuditEntry
 from gateway.audit.scan import parse_ts
@@ -122,6 +129,11 @@ class AlertConfig(BaseModel):
     max_keys: int = Field(default=10_000, ge=1)
     max_entry_indexes: int = Field(default=50, ge=1)
     keep_alerts: int = Field(default=1000, ge=1)
+
+    @field_serializer("enabled", "office_weekdays")
+    def _sorted(self, value: frozenset[Any]) -> list[Any]:
+        # Sets dump in hash order, which differs between processes: saved state is sorted.
+        return sorted(value)
 
     @field_validator("enabled")
     @classmethod
@@ -485,9 +497,11 @@ class AlertEngine:
         engine = cls(config)
         try:
             state = orjson.loads(data)
-            if state.get("version") != _SNAPSHOT_VERSION or state.get(
-                "config"
-            ) != engine.config.model_dump(mode="json"):
+            # Compared as configs, not as JSON: ``enabled`` is a set, dumped in the hash
+            # order of the process that saved it (another order in every process).
+            if state.get("version") != _SNAPSHOT_VERSION or AlertConfig.model_validate(
+                state.get("config")
+            ) != engine.config:
                 return None
             engine._last_index = int(state["last_index"])
             engine._observed = int(state["observed"])

@@ -61,6 +61,7 @@ __all__ = [
     "AuditLog",
     "Batch",
     "BuildRows",
+    "Lease",
     "PersonalPart",
     "ReadNodes",
     "SearchFilter",
@@ -142,6 +143,14 @@ ReadNodes = Callable[[Sequence[merkle.NodeID]], list[bytes]]
 #: Given the store's current (size, chain head) and a reader of stored subtree hashes inside the
 #: same transaction, the batch to insert. Called by a backend inside its write transaction.
 BuildRows = Callable[[int, bytes, ReadNodes], Batch]
+
+
+class Lease(ABC):
+    """A lease of :meth:`AuditLog.try_lease`, held until released."""
+
+    @abstractmethod
+    def release(self) -> None:
+        """Give the lease up (idempotent)."""
 
 
 class AuditLog(ABC):
@@ -250,6 +259,11 @@ class AuditLog(ABC):
     @abstractmethod
     def _write_state(self, name: str, data: bytes) -> None:
         """Save (replace) the state blob ``name`` durably."""
+
+    @abstractmethod
+    def _try_lease(self, name: str) -> Lease | None:
+        """The lease ``name``, held by at most one process sharing this store (it ends when
+        released or when its holder dies), or ``None`` while another process holds it."""
 
     @abstractmethod
     def _erase_personal(self, subject_pseudonym: str) -> list[int]:
@@ -574,6 +588,13 @@ class AuditLog(ABC):
     def save_state(self, name: str, data: bytes) -> None:
         """Save derived state under ``name`` (see :meth:`load_state`)."""
         self._write_state(name, data)
+
+    def try_lease(self, name: str) -> Lease | None:
+        """One follower of the log for all the processes sharing it (e.g. the alert monitor
+        of ``gateway serve --workers N``): the lease ``name`` if no other process holds it,
+        else ``None``. Release it with :meth:`Lease.release`; a holder that dies releases it.
+        """
+        return self._try_lease(name)
 
     # -- personal data -------------------------------------------------------------------
 

@@ -36,7 +36,7 @@ from psycopg_pool import ConnectionPool
 from gateway.audit import merkle
 from gateway.audit._sql import SqlAuditLog
 from gateway.audit.entry import GENESIS
-from gateway.audit.log import BuildRows, SearchFilter, StoredRow
+from gateway.audit.log import BuildRows, Lease, SearchFilter, StoredRow
 from gateway.audit.store import _search_sql
 from gateway.errors import AuditIntegrityError, AuditUnavailable
 
@@ -324,6 +324,24 @@ class PostgresAuditLog(SqlAuditLog):
 
     # -- hooks ---------------------------------------------------------------------------
 
+    def _try_lease(self, name: str) -> Lease | None:
+        # A session advisory lock on a connection of its own: held while the connection
+        # lives, so a holder that dies (or loses its connection) gives it up.
+        try:
+            conn = psycopg.connect(self._url, autocommit=True, options=self._options)
+        except psycopg.Error as exc:
+            raise AuditUnavailable(f"audit store unreachable: {exc}") from exc
+        try:
+            row = conn.execute("SELECT pg_try_advisory_lock(hashtextextended(%s, 0))",
+                               (f"{self._schema}.lease.{name}",)).fetchone()
+        except psycopg.Error as exc:
+            conn.close()
+            raise AuditUnavailable(f"audit store unreachable: {exc}") from exc
+        if row is None or row[0] is not True:
+            conn.close()
+            return None
+        return _SessionLease(conn)
+
     def _append_rows(self, build: BuildRows) -> None:
         if self._writer is None or self._writer.closed:
             self._writer = self._connect()
@@ -504,3 +522,13 @@ def grant_appender(url: str, role: str, *, schema: str = "audit") -> None:
         conn.execute(sql.SQL("GRANT DELETE ON {}.audit_personal TO {}").format(s, r))
         conn.execute(sql.SQL("GRANT INSERT, UPDATE ON {}.audit_follower_state TO {}"
                              ).format(s, r))
+
+
+class _SessionLease(Lease):
+    def __init__(self, conn: psycopg.Connection[Any]) -> None:
+        self._conn: psycopg.Connection[Any] | None = conn
+
+    def release(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()  # ends the session and its advisory lock

@@ -13,6 +13,7 @@ against mistakes through SQL; deliberate tampering with the file is what
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import functools
 import json
 import os
@@ -28,7 +29,7 @@ from sqlglot import exp
 from gateway.audit import merkle
 from gateway.audit._sql import SqlAuditLog
 from gateway.audit.entry import GENESIS
-from gateway.audit.log import BuildRows, SearchFilter, StoredRow
+from gateway.audit.log import BuildRows, Lease, SearchFilter, StoredRow
 from gateway.errors import AuditIntegrityError, AuditUnavailable
 from gateway.sqlite_wal import WriteTurn, enable_wal
 
@@ -299,6 +300,16 @@ class SqliteAuditLog(SqlAuditLog):
                     self._idle_readers.append(conn)
 
     # -- hooks ---------------------------------------------------------------------------
+
+    def _try_lease(self, name: str) -> Lease | None:
+        # An flock on a file beside the store: the processes of one machine share it.
+        fd = os.open(f"{self._path}.{name}.lease", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        return _FileLease(fd)
 
     def _append_rows(self, build: BuildRows) -> None:
         if self._writer is None:  # dropped after an earlier failure: start afresh
@@ -579,3 +590,13 @@ def _search_sql(names: tuple[str, ...], dialect: str = "sqlite", *,
         .offset(exp.Placeholder(this="offset"))
     )
     return query.sql(dialect=dialect)
+
+
+class _FileLease(Lease):
+    def __init__(self, fd: int) -> None:
+        self._fd: int | None = fd
+
+    def release(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)  # drops the flock

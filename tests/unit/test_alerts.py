@@ -578,3 +578,135 @@ def test_a_restarted_monitor_lists_the_alerts_and_keeps_its_place(tmp_path: Path
         other = Monitor(log, AlertConfig(refusal_burst_count=3))
         assert other.engine.last_index == -1
         assert other.catch_up() == 13
+
+
+def _log_of(kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> Any:
+    if kind == "sqlite":
+        from gateway.audit import SqliteAuditLog
+
+        return SqliteAuditLog(tmp_path / "audit.db")
+    from gateway.audit.postgres import PostgresAuditLog
+
+    return PostgresAuditLog(str(request.getfixturevalue("postgres_url")))
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+def test_one_process_holds_the_lease_until_it_releases_or_dies(
+    kind: str, tmp_path: Path, request: pytest.FixtureRequest,
+) -> None:
+    """The lease behind "one alert follower per log": another open file (SQLite) or session
+    (PostgreSQL) is another process as far as the lock goes."""
+    with _log_of(kind, tmp_path, request) as first, _log_of(kind, tmp_path, request) as second:
+        lease = first.try_lease("alerts")
+        assert lease is not None
+        assert second.try_lease("alerts") is None
+        assert first.try_lease("alerts") is None  # not re-entrant: one holder
+        other = second.try_lease("other-follower")  # leases are per name
+        assert other is not None
+        other.release()
+        lease.release()
+        lease.release()  # idempotent
+        taken = second.try_lease("alerts")
+        assert taken is not None
+        taken.release()
+
+
+def test_a_lease_holder_that_dies_gives_the_lease_up(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from gateway.audit import SqliteAuditLog
+
+    path = tmp_path / "audit.db"
+    SqliteAuditLog(path).close()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\n"
+         "from gateway.audit import SqliteAuditLog\n"
+         f"log = SqliteAuditLog({str(path)!r}); lease = log.try_lease('alerts')\n"
+         "print(lease is not None, flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None
+        assert holder.stdout.readline().strip() == "True"
+        with SqliteAuditLog(path) as log:
+            assert log.try_lease("alerts") is None
+            holder.kill()
+            holder.wait()
+            lease = log.try_lease("alerts")
+            assert lease is not None
+            lease.release()
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_of_two_monitors_one_follows_and_the_other_takes_over_when_it_stops(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Two workers' monitors on one log: one thread follows it and saves the state; the other
+    waits, answers a read by catching up itself, never overwrites the saved state, and
+    follows once the first stops."""
+    import time
+
+    from gateway.audit import SqliteAuditLog
+    from gateway.service import monitoring
+    from gateway.service.monitoring import Monitor
+
+    monkeypatch.setattr(monitoring, "LEASE_RETRY_S", 0.05)
+    with SqliteAuditLog(tmp_path / "audit.db") as log:
+        for k in range(12):
+            log.append(make(float(k), actor="prober", decision="deny"))
+        first, second = Monitor(log), Monitor(log)
+        first.start(interval_s=0.02)
+        second.start(interval_s=0.02)
+        deadline = time.monotonic() + 10
+        while first.engine.last_index < 11 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert first.following
+        assert not second.following
+        time.sleep(0.2)
+        assert second.engine.last_index == -1  # its thread did not feed it
+        assert [a.rule for a in second.alerts()] == [REFUSAL_BURST]  # a read catches up
+        first.stop()  # saves and gives the lease up
+        saved = log.load_state(monitoring.STATE_NAME)
+        second.stop()  # not the follower: its state is not saved over the follower's
+        assert log.load_state(monitoring.STATE_NAME) == saved
+        second.start(interval_s=0.02)
+        deadline = time.monotonic() + 10
+        while not second.following and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert second.following
+        log.append(make(30.0, actor="prober", decision="deny"))
+        while second.engine.last_index < 12 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert second.engine.last_index == 12
+        second.stop()
+
+
+def test_saved_state_is_restored_by_a_process_of_another_hash_seed(tmp_path: Path) -> None:
+    """The config saved with the state holds sets; a process with another string hash seed
+    (every process, by default) once read them in another order, found "another config" and
+    replayed the whole log at every start."""
+    import os
+    import subprocess
+    import sys
+
+    from gateway.audit import SqliteAuditLog
+    from gateway.service.monitoring import Monitor
+
+    path = tmp_path / "audit.db"
+    with SqliteAuditLog(path) as log:
+        for k in range(5):
+            log.append(make(float(k), actor="prober", decision="deny"))
+    restore = ("import sys\nfrom gateway.audit import SqliteAuditLog\n"
+               "from gateway.service.monitoring import Monitor\n"
+               f"log = SqliteAuditLog({str(path)!r}); m = Monitor(log)\n"
+               "print(m.engine.last_index); m.catch_up(); m.stop(); log.close()\n")
+    seen = []
+    for seed in ("1", "2", "3", "4"):
+        out = subprocess.run([sys.executable, "-c", restore], capture_output=True, text=True,
+                             env={**os.environ, "PYTHONHASHSEED": seed}, check=True)
+        seen.append(int(out.stdout.strip()))
+    assert seen == [-1, 4, 4, 4]  # replayed once, then restored by every other process
+    with SqliteAuditLog(path) as log:
+        assert Monitor(log).engine.last_index == 4
