@@ -2,19 +2,30 @@
 
 Dependencies are ``async`` so they run on the event loop: a sync dependency costs a threadpool
 hop per request, which is most of the gateway's fixed overhead on small queries.
+
+The busiest routes (the person endpoints) take the request alone and call
+:func:`get_principal` and :func:`json_body` themselves: FastAPI's dependency and body
+resolution cost about 0.05 ms of CPU a request there (measured), a tenth of such a check.
+:func:`json_body_openapi` documents their body as FastAPI would have.
 """
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any, TypeVar
 
+import orjson
 from fastapi import Depends, Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ValidationError
 
 from gateway.auth.tokens import Principal
 from gateway.errors import AuthenticationFailed
 from gateway.service.gateway import Gateway
 
-__all__ = ["CurrentPrincipal", "GatewayDep", "get_gateway", "get_principal"]
+__all__ = ["CurrentPrincipal", "GatewayDep", "get_gateway", "get_principal", "json_body",
+           "json_body_openapi"]
+
+Model = TypeVar("Model", bound=BaseModel)
 
 
 async def get_gateway(request: Request) -> Gateway:
@@ -47,3 +58,27 @@ async def get_principal(request: Request, gateway: GatewayDep) -> Principal:
 
 
 CurrentPrincipal = Annotated[Principal, Depends(get_principal)]
+
+
+async def json_body(request: Request, model: type[Model]) -> Model:
+    """The request's JSON body as ``model``; a body that is not JSON or does not validate is
+    a :class:`RequestValidationError` (400 ``bad_request``, members named, values never
+    echoed), as a FastAPI body parameter gives."""
+    raw = await request.body()
+    try:
+        value = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise RequestValidationError(
+            [{"type": "json_invalid", "loc": ("body",), "msg": "JSON decode error"}]) from None
+    try:
+        return model.model_validate(value)
+    except ValidationError as exc:
+        raise RequestValidationError(
+            [{**err, "loc": ("body", *err["loc"])} for err in exc.errors(include_input=False)]
+        ) from None
+
+
+def json_body_openapi(model: type[BaseModel]) -> dict[str, Any]:
+    """``openapi_extra`` of a route that reads its body with :func:`json_body`."""
+    return {"requestBody": {"required": True, "content": {
+        "application/json": {"schema": model.model_json_schema()}}}}

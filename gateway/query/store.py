@@ -163,6 +163,8 @@ class QueryStore:
         self._conn: duckdb.DuckDBPyConnection | None = None
         self._version: str | None = None
         self._pointer_stat: tuple[int, int] | None = None
+        # Checked on every request that reads the store: a plain os.stat of a str path.
+        self._pointer_path = os.fspath(layout.pointer)
         self._types: dict[tuple[str, str], dict[str, str]] = {}
         self._watchdog = _WATCHDOG
 
@@ -180,7 +182,7 @@ class QueryStore:
 
     def _refresh(self) -> None:
         try:
-            st = self.layout.pointer.stat()
+            st = os.stat(self._pointer_path)
         except FileNotFoundError:
             return
         key = (st.st_mtime_ns, st.st_ino)

@@ -540,3 +540,41 @@ def test_consent_key_file_is_never_in_the_state(env: Env) -> None:
     pem = env.settings.consent_key_path.read_bytes()
     assert pem not in text
     assert b"PRIVATE KEY" not in text
+
+
+@pytest.mark.parametrize(("path", "body", "named"), [
+    (ENROLLMENT, b'{"psn_no": "secret-value"}', "psn_no: extra_forbidden"),
+    (ENROLLMENT, b"not json at all", "body: json_invalid"),
+    (ENROLLMENT, b"[]", "body: model_type"),
+    (SETTLEMENTS, b'{"datatypes": ["settlements.summary"]}', "period: missing"),
+    (SETTLEMENTS, b'{"datatypes": [], "period": {"start": "2024-01-01", "end": "2024-02-01"}}',
+     "datatypes: too_short"),
+])
+def test_a_bad_body_is_400_naming_the_member_never_the_value(
+    env: Env, insurer: Insurer, path: str, body: bytes, named: str,
+) -> None:
+    """The person endpoints read their body themselves (gateway.api.deps.json_body): the
+    same 400 as FastAPI's body parameters, after authentication (no token: 401 first)."""
+    token = env.token("insurer")
+    headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json",
+               "DPoP": insurer.proof(token, path=path)}
+    response = env.client.post(path, content=body, headers=headers)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["code"] == "bad_request"
+    assert named in error["message"]
+    assert "secret-value" not in response.text
+    anonymous = env.client.post(path, content=body,
+                                headers={"Content-Type": "application/json"})
+    assert anonymous.status_code == 401
+
+
+def test_the_person_endpoints_document_their_bodies(env: Env) -> None:
+    spec = env.client.get("/openapi.json").json()
+    for path, member in ((ENROLLMENT, None), (SETTLEMENTS, "period")):
+        body = spec["paths"][path]["post"]["requestBody"]
+        assert body["required"] is True
+        schema = body["content"]["application/json"]["schema"]
+        assert schema["additionalProperties"] is False
+        if member:
+            assert member in schema["properties"]

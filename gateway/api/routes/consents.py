@@ -16,12 +16,13 @@ from fastapi import APIRouter, Depends, Path, Request
 from pydantic import BaseModel, ConfigDict
 from starlette.concurrency import run_in_threadpool
 
-from gateway.api.deps import CurrentPrincipal, GatewayDep, get_principal
+from gateway.api.deps import GatewayDep, get_principal, json_body, json_body_openapi
 from gateway.api.responses import Json, audited_json
 from gateway.auth.subjects import SUBJECT_TYP
 from gateway.auth.tokens import Principal
 from gateway.errors import AuthenticationFailed
 from gateway.service.consents import ConsentRequest, SettlementsRequest, SubjectCaller
+from gateway.service.gateway import Gateway
 
 __all__ = ["ENROLLMENT_PATH", "SETTLEMENTS_PATH", "CurrentSubject", "router"]
 
@@ -106,15 +107,14 @@ class EnrollmentRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-@router.post(ENROLLMENT_PATH, tags=["persons"])
-async def enrollment(
-    body: EnrollmentRequest,
-    request: Request,
-    principal: CurrentPrincipal,
-    gateway: GatewayDep,
-) -> Json:
+@router.post(ENROLLMENT_PATH, tags=["persons"],
+             openapi_extra=json_body_openapi(EnrollmentRequest))
+async def enrollment(request: Request) -> Json:
     """投保身份校验. Headers: ``Authorization: Bearer <access token>``, ``Consent: <consent
     token>``, ``DPoP: <proof>`` (``htu`` = the gateway's base URL + this path)."""
+    gateway: Gateway = request.app.state.gateway
+    principal = await get_principal(request, gateway)
+    await json_body(request, EnrollmentRequest)
     base = gateway.consent.issuer if gateway.consent is not None else ""
     return audited_json(await gateway.enrollment_check(
         principal,
@@ -125,15 +125,14 @@ async def enrollment(
     ))
 
 
-@router.post(SETTLEMENTS_PATH, tags=["persons"])
-async def settlements(
-    body: SettlementsRequest,
-    request: Request,
-    principal: CurrentPrincipal,
-    gateway: GatewayDep,
-) -> Json:
+@router.post(SETTLEMENTS_PATH, tags=["persons"],
+             openapi_extra=json_body_openapi(SettlementsRequest))
+async def settlements(request: Request) -> Json:
     """线上快速理赔: the person's settlements in ``period``, only the released fields. Same
     headers as the enrollment check; the consent must be a ``claims_fast_track`` one."""
+    gateway: Gateway = request.app.state.gateway
+    principal = await get_principal(request, gateway)
+    body = await json_body(request, SettlementsRequest)
     base = gateway.consent.issuer if gateway.consent is not None else ""
     return audited_json(await gateway.persons_settlements(
         principal, body,
