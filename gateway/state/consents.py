@@ -206,6 +206,11 @@ def _check_key(kid: str, state: str, public_jwk: dict[str, str],
                                "key name), never key material")
 
 
+#: Most expired replay ids of each kind one purge forgets (a purge runs at most once a second
+#: per process: gateway.service.consents.ReplayBatcher).
+PURGE_LIMIT = 4096
+
+
 class ConsentStatements(ABC):
     """The consent statements over a backend's transactions."""
 
@@ -394,15 +399,24 @@ class ConsentStatements(ABC):
         Returns ``(dpop_new, consent_new)`` per item; ``consent_new`` is True for an item with
         no consent ``jti``, and False when its DPoP ``jti`` was a replay (nothing is spent for
         it then). Within a batch, a repeated id loses to its first occurrence, as across
-        batches: the insert is the arbiter. ``purge`` first forgets the ids past their
-        expiry (only to bound the tables: an expired proof or token is refused before it
-        gets here, so a caller may purge less often than it writes). ``wait=False``: see
-        ``_tx`` (nothing is written when the turn is busy)."""
+        batches: the insert is the arbiter. ``purge`` first forgets the oldest ids past their
+        expiry, at most :data:`PURGE_LIMIT` of each kind (only to bound the tables: an expired
+        proof or token is refused before it gets here, so a caller may purge less often than
+        it writes, which lets one purge write each page once for many ids; the bound keeps a
+        backlog, after downtime, from becoming one long delete on the request path).
+        ``wait=False``: see ``_tx`` (nothing is written when the turn is busy)."""
         out: list[tuple[bool, bool]] = []
         with self._tx(write=True, wait=wait) as cur:
             if purge:
-                cur.execute("DELETE FROM dpop_jti WHERE expires_ns < ?", (now_ns,))
-                cur.execute("DELETE FROM consumed_consent_jti WHERE expires_ns < ?", (now_ns,))
+                limit = PURGE_LIMIT
+                cur.execute(
+                    "DELETE FROM dpop_jti WHERE (client_id, jti) IN (SELECT client_id, jti "
+                    "FROM dpop_jti WHERE expires_ns < ? ORDER BY expires_ns LIMIT ?)",
+                    (now_ns, limit))
+                cur.execute(
+                    "DELETE FROM consumed_consent_jti WHERE jti IN (SELECT jti "
+                    "FROM consumed_consent_jti WHERE expires_ns < ? ORDER BY expires_ns "
+                    "LIMIT ?)", (now_ns, limit))
             for item in items:
                 if not item.client_id or not item.dpop_jti:
                     raise ValidationFailed("client_id and the DPoP jti are required")

@@ -909,3 +909,36 @@ def test_replay_batcher_spends_each_consent_once_on_either_backend(store: StateS
     assert sum(consent for _, consent in results) == 15
     replayed = asyncio.run(batcher.spend_async(ReplaySpend("c-1", "proof-0-0-xxxxxxxx", far), 0))
     assert replayed == (False, False)
+
+
+def test_a_purge_forgets_a_bounded_number_of_expired_replay_ids(
+    store: StateStore, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A backlog of expired ids (after downtime) goes a bounded number per purge, oldest
+    first, never in one long delete on the request path; unexpired ids stay and still catch
+    replays."""
+    from gateway.state import consents as state_consents
+    from gateway.state.consents import ReplaySpend
+
+    monkeypatch.setattr(state_consents, "PURGE_LIMIT", 100)
+
+    def rows() -> tuple[int, int]:
+        with store._tx() as cur:
+            cur.execute("SELECT count(*) FROM dpop_jti")
+            dpop = int(cur.fetchone()[0])
+            cur.execute("SELECT count(*) FROM consumed_consent_jti")
+            return dpop, int(cur.fetchone()[0])
+
+    old = [ReplaySpend("c-1", f"old-proof-{k:04d}", 1_000 + k, f"old-jti-{k}", f"cst-{k}",
+                       1_000 + k) for k in range(250)]
+    store.spend_replay_ids(old, 0, purge=False)
+    live = ReplaySpend("c-1", "live-proof-0000", 10**15, "live-jti", "cst-live", 10**15)
+    assert store.spend_replay_ids([live], 5_000) == [(True, True)]
+    assert rows() == (151, 151)
+    with store._tx() as cur:  # the oldest went first
+        cur.execute("SELECT min(expires_ns) FROM dpop_jti")
+        assert cur.fetchone()[0] == 1_100
+    assert store.spend_replay_ids([], 5_000) == []
+    assert store.spend_replay_ids([], 5_000) == []
+    assert rows() == (1, 1)
+    assert store.spend_replay_ids([live], 5_000) == [(False, False)]
