@@ -49,6 +49,7 @@ def create_app(gateway: Gateway) -> FastAPI:
     install_error_handlers(app)
     # The person endpoints first: a request is matched against the routes in order (about
     # 5 µs a route), and they are the gateway's busiest (a check per enrollment).
+    app.include_router(consents.persons)
     app.include_router(consents.router)
     app.include_router(health.router)
     app.include_router(oauth.router)

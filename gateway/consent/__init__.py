@@ -27,6 +27,7 @@ from gateway.consent.token import (
     CONSENT_TYP,
     VerifiedConsent,
     issue_consent_token,
+    parse_compact,
     verify_consent_token,
 )
 
@@ -50,6 +51,7 @@ __all__ = [
     "issue_consent_token",
     "jwk_thumbprint",
     "pairwise_sub",
+    "parse_compact",
     "public_jwk",
     "verify_consent_token",
     "verify_dpop_proof",

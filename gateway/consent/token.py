@@ -299,8 +299,10 @@ def verify_consent_token(
     leeway_s: int = 30,
 ) -> VerifiedConsent:
     """Verify a consent token presented by ``client_id`` (the authenticated insurer) for a
-    request of ``purpose`` reading ``required_datatypes`` over ``period``; raise or return."""
-    jws = parse_compact(token, prefix="consent")
+    request of ``purpose`` reading ``required_datatypes`` over ``period``; raise or return.
+    ``token`` may be the token already split by :func:`parse_compact` (a caller that reads
+    ahead, unverified, which consent it names)."""
+    jws = token if isinstance(token, CompactJws) else parse_compact(token, prefix="consent")
     header = jws.header
     # -- header: only alg, kid and typ, each exactly as expected ---------------------------
     unexpected = sorted(set(header) - _HEADER_MEMBERS)

@@ -38,6 +38,7 @@ from gateway.consent import (
     VerifiedConsent,
     issue_consent_token,
     pairwise_sub,
+    parse_compact,
     verify_consent_token,
     verify_dpop_proof,
 )
@@ -772,11 +773,16 @@ class Gateway:
         now_ns = int(now * 1e9)
         if not consent_token:
             raise AuthenticationFailed("Consent header missing", code="consent_missing")
-        # One read for both caches this request relies on: a key change or a grant change
-        # made by any process holds here on the very next request.
-        keys_version, grants_version = self.state.versions("consent_keys", "grants")
+        jws = parse_compact(consent_token, prefix="consent")
+        named = jws.payload.get("consent_id")
+        # One read, in its own snapshot, for what this request relies on: the change counters
+        # of the caches (a key or grant change made by any process holds here on the very
+        # next request) and the consent record (so does a revocation). The consent is the one
+        # the token names; it is used only once the token has verified.
+        keys_version, grants_version, status = self.state.consent_status_and_versions(
+            named if isinstance(named, str) else "", now_ns, "consent_keys", "grants")
         verified = verify_consent_token(
-            consent_token, key_set=config.keys.current(keys_version), issuer=config.issuer,
+            jws, key_set=config.keys.current(keys_version), issuer=config.issuer,
             audience=config.issuer, client_id=principal.org or "", now=now,
             required_datatypes=datatypes, purpose=purpose, period=period, claim_id=claim_id,
         )
@@ -788,9 +794,6 @@ class Gateway:
             dpop_proof, htm="POST", htu=htu, access_token=access_token,
             expected_jkt=verified.cnf_jkt, now=now, seen_jti=lambda jti: True,
         )
-        # One primary-key read in its own transaction: a revocation committed by any process
-        # holds here on the very next request.
-        status = self.state.consent_status(verified.consent_id, now_ns)
         if status is None or not status[2]:
             raise consent_refused("consent revoked or no longer valid", "consent_revoked")
         subject, insurer_org, _ = status

@@ -341,19 +341,27 @@ class ConsentStatements(ABC):
             rows = cur.fetchall()
         return [_consent_row(r) for r in rows]
 
-    def consent_status(self, consent_id: str, now_ns: int) -> tuple[str, str, bool] | None:
-        """``(subject, insurer_org, live at now_ns)`` of a consent, None if unknown: one
-        primary-key read in its own transaction (so a revocation committed by any process is
-        seen), without parsing the stored record — the per-request check of consented calls."""
+    def consent_status_and_versions(
+        self, consent_id: str, now_ns: int, first: str, second: str,
+    ) -> tuple[int, int, tuple[str, str, bool] | None]:
+        """Two change counters (as ``StateStore.versions``) and the consent's ``(subject,
+        insurer_org, live at now_ns)`` (None if unknown), from one read statement: the
+        per-request state read of a consented call, in a snapshot of its own so a
+        revocation committed by any process is seen by the next request; the stored record
+        is not parsed."""
         row = self._fetch_one(
-            "SELECT subject, insurer_org, state, valid_from_ns, valid_until_ns "
-            "FROM consents WHERE consent_id = ?",
-            (consent_id,),
+            "SELECT (SELECT version FROM state_versions WHERE name = ?), "
+            "(SELECT version FROM state_versions WHERE name = ?), "
+            "c.subject, c.insurer_org, c.state, c.valid_from_ns, c.valid_until_ns "
+            "FROM (SELECT 1 AS one) AS one LEFT JOIN consents AS c ON c.consent_id = ?",
+            (first, second, consent_id),
         )
-        if row is None:
-            return None
-        live = row[2] == "active" and int(row[3]) <= now_ns < int(row[4])
-        return str(row[0]), str(row[1]), live
+        if row is None:  # not reached: the outer row always exists
+            return 0, 0, None
+        status = None if row[2] is None else (
+            str(row[2]), str(row[3]),
+            row[4] == "active" and int(row[5]) <= now_ns < int(row[6]))
+        return int(row[0] or 0), int(row[1] or 0), status
 
     def is_consent_live(self, consent_id: str, now_ns: int) -> bool:
         """One primary-key read: the consent exists, is not revoked and is valid at ``now_ns``.

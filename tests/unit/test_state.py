@@ -942,3 +942,24 @@ def test_a_purge_forgets_a_bounded_number_of_expired_replay_ids(
     assert store.spend_replay_ids([], 5_000) == []
     assert rows() == (1, 1)
     assert store.spend_replay_ids([live], 5_000) == [(False, False)]
+
+
+def test_one_read_gives_the_change_counters_and_the_consent(store: StateStore) -> None:
+    """The per-request read of a consented call: both counters and the consent's status in
+    one statement; an unknown consent is None, a revoked or expired one is not live, and a
+    grant change shows in the counter."""
+    unknown = store.consent_status_and_versions("nope", T0_NS, "consent_keys", "grants")
+    keys, grants, status = unknown
+    assert status is None
+    store.add_consent(consent("c-live", subject="psn:live", insurer="ins-a"))
+    assert store.consent_status_and_versions("c-live", T0_NS, "consent_keys", "grants") == (
+        keys, grants, ("psn:live", "ins-a", True))
+    expired = T0_NS + 25 * 3600 * NS
+    assert store.consent_status_and_versions("c-live", expired, "consent_keys", "grants")[2] \
+        == ("psn:live", "ins-a", False)
+    store.revoke_consent("c-live", "t-admin", T0_NS + NS)
+    assert store.consent_status_and_versions("c-live", T0_NS + 2 * NS, "consent_keys",
+                                             "grants")[2] == ("psn:live", "ins-a", False)
+    store.add_grant(GrantRecord("g-9", "ins-a", "hmb_pricing", {}, 0, 10, None, "t-admin", 1))
+    assert store.consent_status_and_versions("c-live", T0_NS, "consent_keys", "grants")[:2] \
+        == (keys, grants + 1)
