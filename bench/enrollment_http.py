@@ -261,18 +261,47 @@ def _tree_cpu_s(root: int) -> float:
     return total
 
 
+def connections_by_worker(server_pid: int, port: int) -> list[int]:
+    """How many of the established connections to ``port`` each worker process of the
+    server holds, smallest first (the kernel spreads them: gateway.cli.listeners)."""
+    local = f"0100007F:{port:04X}"
+    with open("/proc/net/tcp", encoding="ascii") as fh:
+        inodes = {parts[9] for line in fh.readlines()[1:]
+                  if (parts := line.split())[1] == local and parts[3] == "01"}
+    held = []
+    for child in Path(f"/proc/{server_pid}/task/{server_pid}/children").read_text().split():
+        try:
+            links = [os.readlink(fd) for fd in Path(f"/proc/{child}/fd").iterdir()]
+        except OSError:
+            continue
+        count = sum(1 for link in links if link.startswith("socket:[")
+                    and link[8:-1] in inodes)
+        if count:
+            held.append(count)
+    return sorted(held)
+
+
 def run_wrk(script: Path, prefix: Path, access: str, base_url: str, connections: int,
-            duration: int, threads: int) -> dict[str, Any]:
+            duration: int, threads: int, server_pid: int | None = None) -> dict[str, Any]:
     wrk = shutil.which("wrk")
     if wrk is None:
         raise SystemExit("wrk not found: apt-get install wrk")
-    out = subprocess.run(
+    load = subprocess.Popen(
         [wrk, f"-t{threads}", f"-c{connections}", f"-d{duration}s", "--timeout", "5s",
          "-s", str(script), base_url, "--", str(prefix), access],
-        capture_output=True, text=True, check=True)
-    line = next(ln for ln in out.stdout.splitlines() if ln.startswith("WRK_JSON "))
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    split: list[int] = []
+    if server_pid is not None:  # once the connections are open: which worker holds how many
+        time.sleep(min(2.0, duration / 2))
+        split = connections_by_worker(server_pid, int(base_url.rsplit(":", 1)[1]))
+    stdout, stderr = load.communicate()
+    if load.returncode != 0:
+        raise SystemExit(f"wrk failed: {stderr.strip()}")
+    line = next(ln for ln in stdout.splitlines() if ln.startswith("WRK_JSON "))
     result: dict[str, Any] = json.loads(line.removeprefix("WRK_JSON "))
     result["req_per_s"] = result["requests"] / (result["duration_us"] / 1e6)
+    if server_pid is not None:
+        result["connections_by_worker"] = split
     return result
 
 
@@ -387,7 +416,7 @@ def main() -> None:
             warmed = count_audited(settings).get("allow", 0) - before.get("allow", 0)
             cpu_before = _tree_cpu_s(proc.pid)
             result = run_wrk(script, prefix, access, base_url, connections, args.duration,
-                             args.threads)
+                             args.threads, server_pid=proc.pid)
             server_cpu = _tree_cpu_s(proc.pid) - cpu_before
             # Same server, same connections, a bare endpoint: the machine's load today, so the
             # consented figure can be read as a ratio.
@@ -418,7 +447,8 @@ def main() -> None:
             f"p99 {result['p99_us'] / 1000:.1f} ms, non-2xx {result['non_2xx']}, "
             f"server CPU {result['server_cpu_ms_per_request']:.2f} ms/req, "
             f"healthz {result['healthz_req_per_s_same_run']:,} req/s, "
-            f"audited allow {allowed:,}")
+            f"audited allow {allowed:,}, connections by worker "
+            f"{result['connections_by_worker']}")
         runs.append(result)
     report = {
         "benchmark": "consented enrollment checks over HTTP",
