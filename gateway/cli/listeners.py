@@ -30,11 +30,13 @@ def reuse_port_supported() -> bool:
     return sys.platform.startswith("linux") and hasattr(socket, "SO_REUSEPORT")
 
 
-def reuse_port_socket(host: str, port: int) -> socket.socket:
-    """A TCP socket bound to ``(host, port)`` in that address's ``SO_REUSEPORT`` group (not
-    yet listening: the server calls ``listen``)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+def _family(host: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+def _join_group(sock: socket.socket, host: str, port: int) -> None:
+    """Bind ``sock`` to ``(host, port)`` in that address's ``SO_REUSEPORT`` group, or close it
+    and raise."""
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
@@ -42,6 +44,13 @@ def reuse_port_socket(host: str, port: int) -> socket.socket:
     except OSError:
         sock.close()
         raise
+
+
+def reuse_port_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to ``(host, port)`` in that address's ``SO_REUSEPORT`` group (not
+    yet listening: the server calls ``listen``)."""
+    sock = socket.socket(_family(host), socket.SOCK_STREAM)
+    _join_group(sock, host, port)
     sock.set_inheritable(True)
     return sock
 
@@ -53,15 +62,8 @@ class ReusePortListener(socket.socket):
     same address, which that worker listens on."""
 
     def __init__(self, host: str, port: int) -> None:
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        super().__init__(family, socket.SOCK_STREAM)
-        try:
-            self.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            self.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            self.bind((host, port))
-        except OSError:
-            self.close()
-            raise
+        super().__init__(_family(host), socket.SOCK_STREAM)
+        _join_group(self, host, port)
         # Port 0 means "any": the workers join the one the parent got.
         self.address: tuple[str, int] = (host, int(self.getsockname()[1]))
 
