@@ -1,10 +1,14 @@
 """Consented enrollment checks (投保身份校验) through HTTP, as deployed: ``gateway serve
---workers 2`` (uvicorn, two processes on one socket), every request carrying an access token, a
+--workers 2`` (uvicorn, a listener per worker), every request carrying an access token, a
 single-use consent token and a fresh DPoP proof, every one verified, decided by the policy and
 audited durably before it answers.
 
     python bench/enrollment_http.py [--persons 100000] [--duration 10] [--warmup 3]
-                                    [--connections 8,16,32] [--workdir DIR]
+                                    [--connections 8,16,32] [--workdir DIR] [--before DIR]
+
+``--before DIR`` (a checkout of an earlier commit: ``git worktree add DIR REV``) measures that
+checkout's server too, alternating with this one's at each connection count, side by side in
+one run.
 
 Load comes from a second process, ``wrk`` (Debian package ``wrk``, closed loop: a fixed number
 of connections, each sending its next request when the answer arrives), with a Lua script that
@@ -225,13 +229,24 @@ def count_audited(settings: Settings) -> dict[str, int]:
     return {str(k): int(v) for k, v in rows}
 
 
-def serve(settings: Settings, port: int, workers: int) -> subprocess.Popen[bytes]:
+def serve(settings: Settings, port: int, workers: int,
+          code: Path | None = None) -> subprocess.Popen[bytes]:
+    """``gateway serve`` of this checkout, or of the checkout ``code`` (an earlier commit, for
+    a before/after run: its package first on the path)."""
+    env = dict(os.environ)
+    if code is not None:
+        env["PYTHONPATH"] = str(code)
+    # `python -m` puts its working directory first on the path: run in the checkout served.
     proc = subprocess.Popen(
         [sys.executable, "-m", "gateway.cli.main", "serve", "--workdir", str(settings.workdir),
          "--port", str(port), "--workers", str(workers)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, cwd=code or ROOT)
     try:
-        wait_ready(f"http://127.0.0.1:{port}", proc, 120, workers=workers)
+        if code is None:
+            wait_ready(f"http://127.0.0.1:{port}", proc, 120, workers=workers)
+        else:  # an earlier server may share one socket: ready, then time for every worker
+            wait_ready(f"http://127.0.0.1:{port}", proc, 120)
+            time.sleep(3)
     except SystemExit:
         proc.terminate()
         raise
@@ -306,7 +321,8 @@ def run_wrk(script: Path, prefix: Path, access: str, base_url: str, connections:
 
 
 def plot_runs(runs: list[dict[str, Any]], path: Path) -> None:
-    """Requests/s and p99 latency by connections, against the goals (1,500/s, 25 ms)."""
+    """Requests/s and p99 latency by connections, against the goals (1,500/s, 25 ms); with
+    before/after runs, their bars side by side."""
     try:
         import matplotlib
 
@@ -315,14 +331,25 @@ def plot_runs(runs: list[dict[str, Any]], path: Path) -> None:
     except ImportError:
         print("matplotlib not installed: no chart (pip install -e '.[bench]')", file=sys.stderr)
         return
-    labels = [str(r["connections"]) for r in runs]
+    levels = sorted({r["connections"] for r in runs})
+    codes = list(dict.fromkeys(r.get("code", "this checkout") for r in runs))
+    width = 0.8 / len(codes)
+    colors = {"before": "#b0b0b0"}
     fig, (rate, tail) = plt.subplots(1, 2, figsize=(9, 3.4))
-    rate.bar(labels, [r["req_per_s"] for r in runs], color="#4878a8")
+    for k, code in enumerate(codes):
+        mine = {r["connections"]: r for r in runs if r.get("code", "this checkout") == code}
+        xs = [i + (k - (len(codes) - 1) / 2) * width for i, c in enumerate(levels) if c in mine]
+        got = [mine[c] for c in levels if c in mine]
+        rate.bar(xs, [r["req_per_s"] for r in got], width, label=code,
+                 color=colors.get(code, "#4878a8"))
+        tail.bar(xs, [r["p99_us"] / 1000 for r in got], width, label=code,
+                 color=colors.get(code, "#55a868"))
+    for axis in (rate, tail):
+        axis.set_xticks(range(len(levels)), [str(c) for c in levels])
     rate.axhline(1500, color="#c44e52", linestyle="--", linewidth=1, label="goal 1,500/s")
     rate.set_xlabel("wrk connections")
     rate.set_ylabel("consented checks / s")
     rate.legend(fontsize=7)
-    tail.bar(labels, [r["p99_us"] / 1000 for r in runs], color="#55a868")
     tail.axhline(25, color="#c44e52", linestyle="--", linewidth=1, label="goal p99 25 ms")
     tail.set_xlabel("wrk connections")
     tail.set_ylabel("p99 latency (ms)")
@@ -331,6 +358,72 @@ def plot_runs(runs: list[dict[str, Any]], path: Path) -> None:
                  fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+def measure(settings: Settings, args: argparse.Namespace, code: Path | None,
+            connections: int, script: Path, dpop_key: Any, jkt: str,
+            port: int) -> dict[str, Any]:
+    """One run at ``connections``: fresh consents, a fresh server (of ``code``, or this
+    checkout), warm-up, the measured run, the bare endpoint on the same server, the audit
+    count."""
+    base_url = f"http://127.0.0.1:{port}"
+    count = args.max_rate * (args.duration + args.warmup)
+    say(f"recording {count:,} single-use consents")
+    tokens, access, consent_rate = issue_consents(settings, count, jkt)
+    warm = args.max_rate * args.warmup
+    say(f"  {consent_rate:,.0f} consents/s")
+    before = count_audited(settings)
+    proc = serve(settings, port, args.workers, code)
+    workdir = settings.workdir
+    try:
+        # Proofs last 60 s: sign them now, just before the run.
+        prefix = workdir / "requests"
+        if args.warmup:
+            write_requests(workdir / "warmup", tokens[:warm], access, dpop_key, base_url,
+                           args.threads)
+            say(f"warm-up: {connections} connections, {args.warmup} s (not counted)")
+            run_wrk(script, workdir / "warmup", access, base_url, connections,
+                    args.warmup, args.threads)
+        write_requests(prefix, tokens[warm:], access, dpop_key, base_url, args.threads)
+        say(f"wrk: {connections} connections, {args.duration} s, {args.workers} workers"
+            + (f", server of {code}" if code else ""))
+        warmed = count_audited(settings).get("allow", 0) - before.get("allow", 0)
+        cpu_before = _tree_cpu_s(proc.pid)
+        result = run_wrk(script, prefix, access, base_url, connections, args.duration,
+                         args.threads, server_pid=proc.pid)
+        server_cpu = _tree_cpu_s(proc.pid) - cpu_before
+        # Same server, same connections, a bare endpoint: the machine's load today, so the
+        # consented figure can be read as a ratio.
+        bare = subprocess.run(
+            [shutil.which("wrk") or "wrk", f"-t{args.threads}", f"-c{connections}",
+             f"-d{max(3, args.duration // 2)}s", base_url + "/healthz"],
+            capture_output=True, text=True, check=True).stdout
+        bare_rate = float(next(ln for ln in bare.splitlines()
+                               if ln.startswith("Requests/sec")).split()[1])
+        result["healthz_req_per_s_same_run"] = round(bare_rate)
+        result["ratio_to_healthz"] = round(result["req_per_s"] / bare_rate, 4)
+        result["server_cpu_ms_per_request"] = round(
+            server_cpu * 1000 / max(result["requests"], 1), 3)
+        with open("/proc/loadavg", encoding="ascii") as fh:
+            result["loadavg_after"] = fh.read().split()[:3]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    after = count_audited(settings)
+    allowed = after.get("allow", 0) - before.get("allow", 0) - warmed
+    result.update({"connections": connections, "workers": args.workers,
+                   "warmup_s": args.warmup,
+                   "audited_allow": allowed,
+                   "audited_other": (sum(after.values()) - sum(before.values())
+                                     - allowed - warmed),
+                   "consents_per_s_setup": round(consent_rate)})
+    say(f"  {result['req_per_s']:,.0f} req/s, p50 {result['p50_us'] / 1000:.1f} ms, "
+        f"p99 {result['p99_us'] / 1000:.1f} ms, non-2xx {result['non_2xx']}, "
+        f"server CPU {result['server_cpu_ms_per_request']:.2f} ms/req, "
+        f"healthz {result['healthz_req_per_s_same_run']:,} req/s, "
+        f"audited allow {allowed:,}, connections by worker "
+        f"{result['connections_by_worker']}")
+    return result
 
 
 def signature_check_us(rounds: int = 3000) -> dict[str, float]:
@@ -375,6 +468,9 @@ def main() -> None:
     parser.add_argument("--max-rate", type=int, default=2500,
                         help="consents prepared per second of a run (single use)")
     parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument("--before", type=Path, default=None,
+                        help="a checkout of an earlier commit (git worktree add DIR REV): its "
+                             "server is measured too, alternating with this one's")
     parser.add_argument("--replot", type=Path, help="only redraw the chart from a results file")
     args = parser.parse_args()
     if args.replot is not None:
@@ -394,62 +490,21 @@ def main() -> None:
     script = workdir / "enrollment.lua"
     script.write_text(LUA, "utf-8")
     runs = []
+    variants: list[tuple[str, Path | None, Settings]] = [("after", None, settings)]
+    if args.before is not None:
+        # Side by side in one run, alternating at each level; each server with a state and an
+        # audit log of its own (the same city, seed and keys' kinds), so neither inherits the
+        # other's leftovers (the earlier one replays its alert state at every start).
+        before = prepare((workdir / "before").resolve(), args.persons, args.seed, base_url)
+        (workdir / "before" / "enrollment.lua").write_text(LUA, "utf-8")
+        variants.insert(0, ("before", args.before.resolve(), before))
     for connections in (int(c) for c in args.connections.split(",")):
-        count = args.max_rate * (args.duration + args.warmup)
-        say(f"recording {count:,} single-use consents")
-        tokens, access, consent_rate = issue_consents(settings, count, jkt)
-        warm = args.max_rate * args.warmup
-        say(f"  {consent_rate:,.0f} consents/s")
-        before = count_audited(settings)
-        proc = serve(settings, port, args.workers)
-        try:
-            # Proofs last 60 s: sign them now, just before the run.
-            prefix = workdir / "requests"
-            if args.warmup:
-                write_requests(workdir / "warmup", tokens[:warm], access, dpop_key, base_url,
-                               args.threads)
-                say(f"warm-up: {connections} connections, {args.warmup} s (not counted)")
-                run_wrk(script, workdir / "warmup", access, base_url, connections,
-                        args.warmup, args.threads)
-            write_requests(prefix, tokens[warm:], access, dpop_key, base_url, args.threads)
-            say(f"wrk: {connections} connections, {args.duration} s, {args.workers} workers")
-            warmed = count_audited(settings).get("allow", 0) - before.get("allow", 0)
-            cpu_before = _tree_cpu_s(proc.pid)
-            result = run_wrk(script, prefix, access, base_url, connections, args.duration,
-                             args.threads, server_pid=proc.pid)
-            server_cpu = _tree_cpu_s(proc.pid) - cpu_before
-            # Same server, same connections, a bare endpoint: the machine's load today, so the
-            # consented figure can be read as a ratio.
-            bare = subprocess.run(
-                [shutil.which("wrk") or "wrk", f"-t{args.threads}", f"-c{connections}",
-                 f"-d{max(3, args.duration // 2)}s", base_url + "/healthz"],
-                capture_output=True, text=True, check=True).stdout
-            bare_rate = float(next(ln for ln in bare.splitlines()
-                                   if ln.startswith("Requests/sec")).split()[1])
-            result["healthz_req_per_s_same_run"] = round(bare_rate)
-            result["ratio_to_healthz"] = round(result["req_per_s"] / bare_rate, 4)
-            result["server_cpu_ms_per_request"] = round(
-                server_cpu * 1000 / max(result["requests"], 1), 3)
-            with open("/proc/loadavg", encoding="ascii") as fh:
-                result["loadavg_after"] = fh.read().split()[:3]
-        finally:
-            proc.terminate()
-            proc.wait(timeout=30)
-        after = count_audited(settings)
-        allowed = after.get("allow", 0) - before.get("allow", 0) - warmed
-        result.update({"connections": connections, "workers": args.workers,
-                       "warmup_s": args.warmup,
-                       "audited_allow": allowed,
-                       "audited_other": (sum(after.values()) - sum(before.values())
-                                         - allowed - warmed),
-                       "consents_per_s_setup": round(consent_rate)})
-        say(f"  {result['req_per_s']:,.0f} req/s, p50 {result['p50_us'] / 1000:.1f} ms, "
-            f"p99 {result['p99_us'] / 1000:.1f} ms, non-2xx {result['non_2xx']}, "
-            f"server CPU {result['server_cpu_ms_per_request']:.2f} ms/req, "
-            f"healthz {result['healthz_req_per_s_same_run']:,} req/s, "
-            f"audited allow {allowed:,}, connections by worker "
-            f"{result['connections_by_worker']}")
-        runs.append(result)
+        for code, code_dir, where in variants:
+            result = measure(where, args, code_dir, connections,
+                             where.workdir / "enrollment.lua", dpop_key, jkt, port)
+            if args.before is not None:
+                result["code"] = code
+            runs.append(result)
     report = {
         "benchmark": "consented enrollment checks over HTTP",
         "signature_check_us": signature_check_us(),
@@ -461,8 +516,8 @@ def main() -> None:
         "server": f"gateway serve --workers {args.workers} (uvicorn), SQLite state and audit",
         "goal": {"req_per_s": 1500, "p99_ms": 25},
         "runs": runs,
-        "note": "load generator and both workers share the machine's 2 cores; other helpers "
-                "were running tests at the same time: compare runs of this file as ratios",
+        "note": "load generator and both workers share the machine's 2 cores: compare runs "
+                "of one file (before/after, healthz) as ratios",
     }
     (OUT / "enrollment.json").write_text(json.dumps(report, indent=1) + "\n", "utf-8")
     plot_runs(runs, OUT / "enrollment.png")
