@@ -107,8 +107,10 @@ class Monitor:
         all of them if ``None``); the number fed. Alerts raised are logged (rule, org, actor,
         indexes: never request data)."""
         with self._feed_lock:
-            if self._lease is None:
-                self._adopt_saved(max_entries)
+            behind = self.log.size() - 1 - self.engine.last_index
+            if self._lease is None and behind > min(max_entries or self.tick_entries,
+                                                    self.tick_entries):
+                self._adopt_saved()  # far behind: start from the follower's state
             rows = iter_entries(self.log, start=self.engine.last_index + 1)
             try:
                 fed = 0
@@ -144,12 +146,15 @@ class Monitor:
                 lease.release()
         self._saved_index, self._saved_at = last, time.monotonic()
 
-    def _adopt_saved(self, max_entries: int | None) -> None:
-        """Not the follower: when far behind (more than a tick of entries), start from the
-        follower's saved state if it is further on than this engine."""
-        if self.log.size() - self.engine.last_index <= min(max_entries or self.tick_entries,
-                                                           self.tick_entries):
-            return
+    def from_follower(self) -> None:
+        """A monitor that does not follow the log takes the follower's saved state when it is
+        further on (``/metrics`` of any worker is then at most ``SAVE_EVERY_S`` behind)."""
+        if self._lease is None:
+            with self._feed_lock:
+                self._adopt_saved()
+
+    def _adopt_saved(self) -> None:
+        # With the feed lock held.
         saved = _restored(self.log, self.engine.config)
         if saved is not None and saved.last_index > self.engine.last_index:
             self.engine = saved
@@ -222,7 +227,6 @@ class Monitor:
             if fed < self.tick_entries:  # caught up (or failing): wait; else keep going
                 self._stop.wait(interval_s * min(1 + failures, 20))
 
-
     def _take_lease(self) -> bool:
         try:
             lease = self.log.try_lease(STATE_NAME)
@@ -232,11 +236,7 @@ class Monitor:
         if lease is None:
             return False
         with self._feed_lock:
-            # Whoever followed before may be far ahead of this engine.
-            saved = _restored(self.log, self.engine.config)
-            if saved is not None and saved.last_index > self.engine.last_index:
-                self.engine = saved
-                self._saved_index = saved.last_index
+            self._adopt_saved()  # whoever followed before may be far ahead of this engine
             self._lease = lease
         return True
 
@@ -268,6 +268,11 @@ class _CurrentMonitorCollector(Collector):
 
     def collect(self) -> Iterable[Metric]:
         monitor = _metrics_monitor
+        if monitor is not None:
+            try:
+                monitor.from_follower()
+            except Exception as exc:  # a scrape shows the counts this process has
+                _log.error("alert state not read for metrics (%s)", type(exc).__name__)
         engine = monitor.engine if monitor is not None else _EMPTY_ENGINE
         return AlertCollector(engine).collect()
 

@@ -666,6 +666,10 @@ def test_of_two_monitors_one_follows_and_the_other_takes_over_when_it_stops(
         assert not second.following
         time.sleep(0.2)
         assert second.engine.last_index == -1  # its thread did not feed it
+        first.save()
+        second.from_follower()  # what /metrics of the other worker shows: the saved state
+        assert second.engine.last_index == 11
+        second.engine = monitoring.AlertEngine()  # as it was: the read below catches up itself
         assert [a.rule for a in second.alerts()] == [REFUSAL_BURST]  # a read catches up
         first.stop()  # saves and gives the lease up
         saved = log.load_state(monitoring.STATE_NAME)
