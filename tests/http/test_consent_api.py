@@ -578,3 +578,14 @@ def test_the_person_endpoints_document_their_bodies(env: Env) -> None:
         assert schema["additionalProperties"] is False
         if member:
             assert member in schema["properties"]
+
+
+def test_person_endpoints_are_counted_by_route_in_metrics(env: Env, insurer: Insurer) -> None:
+    """The direct routes still go through the middleware: counted under their template."""
+    token = env.token("insurer")
+    for path in (ENROLLMENT, SETTLEMENTS):
+        env.client.post(path, json={}, headers={"Authorization": f"Bearer {token}",
+                                                "DPoP": insurer.proof(token, path=path)})
+    text = env.client.get("/metrics").text
+    for path in (ENROLLMENT, SETTLEMENTS):
+        assert f'gateway_requests_total{{route="{path}",status=' in text
