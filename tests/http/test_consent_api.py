@@ -589,3 +589,12 @@ def test_person_endpoints_are_counted_by_route_in_metrics(env: Env, insurer: Ins
     text = env.client.get("/metrics").text
     for path in (ENROLLMENT, SETTLEMENTS):
         assert f'gateway_requests_total{{route="{path}",status=' in text
+
+
+def test_a_serving_app_holds_the_person_index_before_its_first_check(env: Env) -> None:
+    """The app's start (lifespan) loads the serving version's persons: the first 投保身份校验
+    does not wait for a read of the whole table."""
+    config = env.gateway.consent
+    assert config is not None
+    assert config.persons is not None
+    assert not config.persons.stale()
