@@ -82,13 +82,7 @@ class WriteTurn:
             raise WriteTurnTimeout("database is locked (write turn busy in this process)")
         try:
             fd = self._file()
-            if wait:
-                self._take_file(fd)
-            else:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    raise WriteTurnBusy from None
+            self._take_file(fd, wait=wait)
             try:
                 yield
             finally:
@@ -96,14 +90,15 @@ class WriteTurn:
         finally:
             self._thread_lock.release()
 
-    def _take_file(self, fd: int) -> None:
+    def _take_file(self, fd: int, *, wait: bool) -> None:
         step, deadline = _FIRST_STEP_S, None
         while True:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 return
             except BlockingIOError:
-                pass
+                if not wait:
+                    raise WriteTurnBusy from None
             now = time.monotonic()
             if deadline is None:
                 deadline = now + self._timeout_s

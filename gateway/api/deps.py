@@ -14,7 +14,7 @@ documents the body as a body parameter would have).
 from __future__ import annotations
 
 from collections.abc import Callable, Coroutine
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, TypeVar, cast
 
 import orjson
 from fastapi import Depends, Request
@@ -94,10 +94,4 @@ class DirectRoute(APIRoute):
     own handler would resolve dependencies, read the body and serialize a return value)."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
-        endpoint = self.endpoint
-
-        async def handler(request: Request) -> Response:
-            response: Response = await endpoint(request)
-            return response
-
-        return handler
+        return cast(Callable[[Request], Coroutine[Any, Any, Response]], self.endpoint)

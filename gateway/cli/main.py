@@ -131,15 +131,14 @@ def serve(
     # Spawned workers rebuild their gateway from the environment (see worker_app).
     os.environ["GATEWAY_WORKDIR"] = str(workdir)
     os.environ["GATEWAY_BASE_URL"] = settings.base_url
-    if not reuse_port_supported():  # one shared socket: the kernel balances nothing
-        uvicorn.run("gateway.cli.main:worker_app", factory=True, workers=workers, host=host,
-                    port=port, log_level="warning", access_log=False)
-        return
-    # A listener per worker (gateway.cli.listeners), under uvicorn's own supervisor.
     from uvicorn.supervisors import Multiprocess
 
     config = uvicorn.Config("gateway.cli.main:worker_app", factory=True, workers=workers,
                             host=host, port=port, log_level="warning", access_log=False)
+    if not reuse_port_supported():  # uvicorn's one shared socket: the kernel balances nothing
+        Multiprocess(config, sockets=[config.bind_socket()]).run()
+        return
+    # A listener per worker (gateway.cli.listeners), under uvicorn's own supervisor.
     try:
         listener = ReusePortListener(host, port)
     except OSError as exc:

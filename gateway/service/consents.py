@@ -257,17 +257,14 @@ class ReplayBatcher:
 
     def _write(self, items: list[ReplaySpend], now_ns: int, *,
                wait: bool = True) -> list[tuple[bool, bool]]:
+        now = time.monotonic()
         with self._purge_lock:
-            now = time.monotonic()
             purge = now - self._purged_at >= _PURGE_EVERY_S
-            if purge:
-                self._purged_at = now
-        try:
-            return self._state.spend_replay_ids(items, now_ns, purge=purge, wait=wait)
-        except WriteTurnBusy:
-            if purge:
-                self._purged_at = -_PURGE_EVERY_S
-            raise
+        results = self._state.spend_replay_ids(items, now_ns, purge=purge, wait=wait)
+        if purge:  # only once it is done: a write that found the turn busy purged nothing
+            with self._purge_lock:
+                self._purged_at = max(self._purged_at, now)
+        return results
 
 
 def _settle(batch: list[tuple[ReplaySpend, int, asyncio.Future[tuple[bool, bool]]]],

@@ -107,9 +107,8 @@ class Monitor:
         all of them if ``None``); the number fed. Alerts raised are logged (rule, org, actor,
         indexes: never request data)."""
         with self._feed_lock:
-            behind = self.log.size() - 1 - self.engine.last_index
-            if self._lease is None and behind > min(max_entries or self.tick_entries,
-                                                    self.tick_entries):
+            tick = min(max_entries or self.tick_entries, self.tick_entries)
+            if self._lease is None and self.log.size() - 1 - self.engine.last_index > tick:
                 self._adopt_saved()  # far behind: start from the follower's state
             rows = iter_entries(self.log, start=self.engine.last_index + 1)
             try:

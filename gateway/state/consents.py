@@ -356,8 +356,7 @@ class ConsentStatements(ABC):
             "FROM (SELECT 1 AS one) AS one LEFT JOIN consents AS c ON c.consent_id = ?",
             (first, second, consent_id),
         )
-        if row is None:  # not reached: the outer row always exists
-            return 0, 0, None
+        # The outer SELECT always gives one row; the consent's columns are NULL if unknown.
         status = None if row[2] is None else (
             str(row[2]), str(row[3]),
             row[4] == "active" and int(row[5]) <= now_ns < int(row[6]))
@@ -416,15 +415,14 @@ class ConsentStatements(ABC):
         out: list[tuple[bool, bool]] = []
         with self._tx(write=True, wait=wait) as cur:
             if purge:
-                limit = PURGE_LIMIT
                 cur.execute(
                     "DELETE FROM dpop_jti WHERE (client_id, jti) IN (SELECT client_id, jti "
                     "FROM dpop_jti WHERE expires_ns < ? ORDER BY expires_ns LIMIT ?)",
-                    (now_ns, limit))
+                    (now_ns, PURGE_LIMIT))
                 cur.execute(
                     "DELETE FROM consumed_consent_jti WHERE jti IN (SELECT jti "
                     "FROM consumed_consent_jti WHERE expires_ns < ? ORDER BY expires_ns "
-                    "LIMIT ?)", (now_ns, limit))
+                    "LIMIT ?)", (now_ns, PURGE_LIMIT))
             for item in items:
                 if not item.client_id or not item.dpop_jti:
                     raise ValidationFailed("client_id and the DPoP jti are required")

@@ -254,13 +254,6 @@ class StateStore(ConsentStatements, DisclosureStatements, RateLimitStatements, A
         row = self._fetch_one("SELECT version FROM state_versions WHERE name = ?", (name,))
         return int(row[0]) if row else 0
 
-    def versions(self, first: str, second: str) -> tuple[int, int]:
-        """Two change counters from one read (a per-request call checks two caches)."""
-        row = self._fetch_one(
-            "SELECT (SELECT version FROM state_versions WHERE name = ?), "
-            "(SELECT version FROM state_versions WHERE name = ?)", (first, second))
-        return int(row[0] or 0), int(row[1] or 0)
-
     @staticmethod
     def _bump(cur: Any, name: str) -> None:
         cur.execute(

@@ -10,7 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Path, Request
 from pydantic import BaseModel, ConfigDict
@@ -115,6 +115,15 @@ class EnrollmentRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _proofs(request: Request, gateway: Gateway, path: str) -> dict[str, Any]:
+    """What a person endpoint hands its use case from the headers: the bearer token (for the
+    proof's ``ath``), the consent token, the DPoP proof and the URI the proof must name."""
+    base = gateway.consent.issuer if gateway.consent is not None else ""
+    return {"access_token": _bearer(request) or "",
+            "consent_token": request.headers.get("consent"),
+            "dpop_proof": request.headers.get("dpop"), "htu": base + path}
+
+
 @persons.post(ENROLLMENT_PATH, tags=["persons"],
              openapi_extra=json_body_openapi(EnrollmentRequest))
 async def enrollment(request: Request) -> Json:
@@ -123,14 +132,8 @@ async def enrollment(request: Request) -> Json:
     gateway: Gateway = request.app.state.gateway
     principal = await get_principal(request, gateway)
     await json_body(request, EnrollmentRequest)
-    base = gateway.consent.issuer if gateway.consent is not None else ""
     return audited_json(await gateway.enrollment_check(
-        principal,
-        access_token=_bearer(request) or "",
-        consent_token=request.headers.get("consent"),
-        dpop_proof=request.headers.get("dpop"),
-        htu=base + ENROLLMENT_PATH,
-    ))
+        principal, **_proofs(request, gateway, ENROLLMENT_PATH)))
 
 
 @persons.post(SETTLEMENTS_PATH, tags=["persons"],
@@ -141,11 +144,5 @@ async def settlements(request: Request) -> Json:
     gateway: Gateway = request.app.state.gateway
     principal = await get_principal(request, gateway)
     body = await json_body(request, SettlementsRequest)
-    base = gateway.consent.issuer if gateway.consent is not None else ""
     return audited_json(await gateway.persons_settlements(
-        principal, body,
-        access_token=_bearer(request) or "",
-        consent_token=request.headers.get("consent"),
-        dpop_proof=request.headers.get("dpop"),
-        htu=base + SETTLEMENTS_PATH,
-    ))
+        principal, body, **_proofs(request, gateway, SETTLEMENTS_PATH)))
