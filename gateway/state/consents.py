@@ -344,7 +344,7 @@ class ConsentStatements(ABC):
     def consent_status_and_versions(
         self, consent_id: str, now_ns: int, first: str, second: str,
     ) -> tuple[int, int, tuple[str, str, bool] | None]:
-        """Two change counters (as ``StateStore.versions``) and the consent's ``(subject,
+        """Two change counters (as ``StateStore.version`` reads them) and the consent's ``(subject,
         insurer_org, live at now_ns)`` (None if unknown), from one read statement: the
         per-request state read of a consented call, in a snapshot of its own so a
         revocation committed by any process is seen by the next request; the stored record
