@@ -11,15 +11,20 @@ of its addresses: each worker gets its share, whoever is awake.
 uvicorn's supervisor (health checks, restarts, signals) is kept: it hands every worker it
 starts the same list of sockets, pickled. What crosses here is :class:`ReusePortListener`,
 whose pickled form is the recipe of a listener rather than the parent's socket, so each worker,
-restarted ones too, unpickles a socket of its own bound to the same address.
+restarted ones too, unpickles a socket of its own bound to the same address: a
+:class:`WorkerListener`, which also names the worker group it belongs to, so the worker's event
+loop can even out the hash's split by handing connections over (gateway.cli.balancing).
 """
 
 from __future__ import annotations
 
 import socket
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-__all__ = ["ReusePortListener", "reuse_port_socket", "reuse_port_supported"]
+__all__ = ["ReusePortListener", "WorkerGroup", "WorkerListener", "reuse_port_supported",
+           "worker_listener"]
 
 
 def reuse_port_supported() -> bool:
@@ -46,26 +51,42 @@ def _join_group(sock: socket.socket, host: str, port: int) -> None:
         raise
 
 
-def reuse_port_socket(host: str, port: int) -> socket.socket:
-    """A TCP socket bound to ``(host, port)`` in that address's ``SO_REUSEPORT`` group (not
-    yet listening: the server calls ``listen``)."""
-    sock = socket.socket(_family(host), socket.SOCK_STREAM)
+@dataclass(frozen=True)
+class WorkerGroup:
+    """What the workers of one server share to balance their connections: a private directory
+    (mode 0700, made and removed by the parent) and how many workers there are."""
+
+    directory: Path
+    workers: int
+
+
+class WorkerListener(socket.socket):
+    """A worker's listener in the ``SO_REUSEPORT`` group, which knows its worker group."""
+
+    group: WorkerGroup | None = None
+
+
+def worker_listener(host: str, port: int, group: WorkerGroup | None) -> WorkerListener:
+    """What a worker unpickles: its own listener bound to ``(host, port)`` in the group."""
+    sock = WorkerListener(_family(host), socket.SOCK_STREAM)
     _join_group(sock, host, port)
     sock.set_inheritable(True)
+    sock.group = group
     return sock
 
 
 class ReusePortListener(socket.socket):
     """The parent's placeholder: bound with ``SO_REUSEPORT`` and never listening, it holds the
     address (a port already taken fails here, before any worker starts; only a process of the
-    same user may join the group). Pickled into a worker it becomes a new socket bound to the
-    same address, which that worker listens on."""
+    same user may join the group). Pickled into a worker it becomes a new
+    :class:`WorkerListener` bound to the same address, which that worker listens on."""
 
-    def __init__(self, host: str, port: int) -> None:
+    def __init__(self, host: str, port: int, group: WorkerGroup | None = None) -> None:
         super().__init__(_family(host), socket.SOCK_STREAM)
         _join_group(self, host, port)
         # Port 0 means "any": the workers join the one the parent got.
         self.address: tuple[str, int] = (host, int(self.getsockname()[1]))
+        self.group = group
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (reuse_port_socket, self.address)
+        return (worker_listener, (*self.address, self.group))

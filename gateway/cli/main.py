@@ -106,15 +106,17 @@ def serve(
         min=1, help="worker processes sharing the port and the state (uvicorn)")] = 1,
 ) -> None:
     """Serve the gateway API (uvicorn). With --workers N, N processes each accept on a
-    listener of their own (one SO_REUSEPORT group: Linux spreads the connections); they
+    listener of their own (one SO_REUSEPORT group) and hand a new connection to the worker
+    holding the fewest (gateway.cli.balancing); they
     share grants, consents, replay stores and the audit log through the state store
     (GATEWAY_STATE_URL=postgresql://… in production, or the SQLite files of one machine)."""
     import os
+    import tempfile
 
     import uvicorn
 
     from gateway.api.app import create_app, settle_heap
-    from gateway.cli.listeners import ReusePortListener, reuse_port_supported
+    from gateway.cli.listeners import ReusePortListener, WorkerGroup, reuse_port_supported
     from gateway.service.bootstrap import build_gateway
 
     settings = _settings(workdir, base_url=base_url or f"http://{host}:{port}")
@@ -133,18 +135,26 @@ def serve(
     os.environ["GATEWAY_BASE_URL"] = settings.base_url
     from uvicorn.supervisors import Multiprocess
 
-    config = uvicorn.Config("gateway.cli.main:worker_app", factory=True, workers=workers,
-                            host=host, port=port, log_level="warning", access_log=False)
+    def config(**options: Any) -> uvicorn.Config:
+        return uvicorn.Config("gateway.cli.main:worker_app", factory=True, workers=workers,
+                              host=host, port=port, log_level="warning", access_log=False,
+                              **options)
+
     if not reuse_port_supported():  # uvicorn's one shared socket: the kernel balances nothing
-        Multiprocess(config, sockets=[config.bind_socket()]).run()
+        shared = config()
+        Multiprocess(shared, sockets=[shared.bind_socket()]).run()
         return
-    # A listener per worker (gateway.cli.listeners), under uvicorn's own supervisor.
-    try:
-        listener = ReusePortListener(host, port)
-    except OSError as exc:
-        raise typer.BadParameter(f"cannot listen on {host}:{port}: {exc.strerror}") from None
-    with listener:
-        Multiprocess(config, sockets=[listener]).run()
+    # A listener per worker (gateway.cli.listeners), under uvicorn's own supervisor; the
+    # workers even out the kernel's split by handing connections over (gateway.cli.balancing).
+    with tempfile.TemporaryDirectory(prefix="gateway-workers-") as group_dir:
+        group = WorkerGroup(Path(group_dir), workers)
+        try:
+            listener = ReusePortListener(host, port, group)
+        except OSError as exc:
+            raise typer.BadParameter(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+        with listener:
+            Multiprocess(config(loop="gateway.cli.balancing:BalancingLoop"),
+                         sockets=[listener]).run()
 
 
 def worker_app() -> Any:

@@ -7,10 +7,16 @@ from __future__ import annotations
 import pickle
 import socket
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
-from gateway.cli.listeners import ReusePortListener, reuse_port_supported
+from gateway.cli.listeners import (
+    ReusePortListener,
+    WorkerGroup,
+    WorkerListener,
+    reuse_port_supported,
+)
 
 
 def _in_a_worker(listener: ReusePortListener) -> socket.socket:
@@ -24,14 +30,17 @@ def test_this_platform_spreads_connections() -> None:
     assert reuse_port_supported()
 
 
-def test_a_pickled_listener_is_a_new_socket_on_the_same_address() -> None:
-    with ReusePortListener("127.0.0.1", 0) as parent:
+def test_a_pickled_listener_is_a_new_socket_on_the_same_address(tmp_path: Path) -> None:
+    group = WorkerGroup(tmp_path, 2)
+    with ReusePortListener("127.0.0.1", 0, group) as parent:
         host, port = parent.address
         assert port != 0
         assert parent.getsockname() == (host, port)
         child = _in_a_worker(parent)
         try:
-            assert type(child) is socket.socket
+            # The worker's event loop balances on it (gateway.cli.balancing).
+            assert isinstance(child, WorkerListener)
+            assert child.group == group
             assert child.fileno() != parent.fileno()
             assert child.getsockname() == (host, port)
             assert child.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT) == 1
