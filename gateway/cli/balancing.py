@@ -3,7 +3,7 @@ not by a hash.
 
 Each worker accepts on a listener of its own (gateway.cli.listeners), and Linux picks the
 listener of a new connection by a hash of its addresses: 16 keep-alive connections over two
-workers land 8/8 one time in five, 4/12 or worse one time in four, and with 12 of them a worker
+workers land 8/8 one time in five and 5/11 or worse one time in five; with 11 of them a worker
 is the bottleneck while the other idles (docs/benchmarks.md). So a worker that accepts a
 connection while another worker holds fewer hands the connection over: the socket itself is
 sent (``SCM_RIGHTS``) to that worker's inbox, a Unix datagram socket in the group's private
