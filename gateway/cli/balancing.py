@@ -14,7 +14,8 @@ Who holds how many is a small table in the same directory: one count per worker 
 under an exclusive ``flock``, so two workers deciding at once see each other's choice. A worker
 claims a slot for its life (another ``flock``: a restarted worker takes the dead one's slot and
 starts from zero), counts a connection when it is given to it and uncounts it when it closes
-(found by a sweep of its transports every half second, and before every decision). A hand-over
+(its protocol's ``connection_lost``; a sweep of its transports every half second and before
+every decision catches one whose protocol was switched). A hand-over
 that cannot be delivered (the other worker gone, its inbox full) leaves the connection where it
 was accepted: balance is a preference, never a reason to drop a connection.
 
@@ -48,7 +49,7 @@ __all__ = ["BalancingLoop", "ConnectionBalancer", "LoadTable", "least_loaded"]
 
 log = logging.getLogger(__name__)
 
-SWEEP_S = 0.5  # how often a worker uncounts its closed connections
+SWEEP_S = 0.5  # how often a worker looks for closed connections that went unannounced
 ACCEPT_BATCH = 64  # connections accepted per wake-up, as asyncio's own accept loop does
 ACCEPT_PAUSE_S = 1.0  # after running out of file descriptors (EMFILE), like asyncio
 _COUNT = struct.Struct("<q")
@@ -89,6 +90,16 @@ class LoadTable:
             return table
         return None
 
+    @staticmethod
+    def peek(group: WorkerGroup) -> list[int]:
+        """The counts as they stand, without holding a slot (for tests and operators)."""
+        fd = os.open(group.directory / "loads", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)
+            return _counts(os.pread(fd, group.workers * _COUNT.size, 0), group.workers)
+        finally:
+            os.close(fd)  # and its lock
+
     def inbox(self, slot: int) -> Path:
         """Where the worker holding ``slot`` receives connections handed over to it."""
         return self.group.directory / f"inbox-{slot}"
@@ -124,17 +135,21 @@ class LoadTable:
 
     @contextmanager
     def _changing(self) -> Iterator[list[int]]:
-        width = self.group.workers * _COUNT.size
         fcntl.flock(self._fd, fcntl.LOCK_EX)
         try:
-            raw = os.pread(self._fd, width, 0).ljust(width, b"\0")
-            before = [value for (value,) in _COUNT.iter_unpack(raw)]
+            workers = self.group.workers
+            before = _counts(os.pread(self._fd, workers * _COUNT.size, 0), workers)
             loads = list(before)
             yield loads
             if loads != before:
                 os.pwrite(self._fd, b"".join(_COUNT.pack(v) for v in loads), 0)
         finally:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+
+def _counts(raw: bytes, workers: int) -> list[int]:
+    """The table's bytes as counts (a new table is all zeros)."""
+    return [value for (value,) in _COUNT.iter_unpack(raw.ljust(workers * _COUNT.size, b"\0"))]
 
 
 class ConnectionBalancer:
@@ -149,7 +164,7 @@ class ConnectionBalancer:
         self._ssl = ssl
         self._backlog = backlog
         self._member: tuple[LoadTable, socket.socket] | None = None  # table, inbox
-        self._held: list[asyncio.BaseTransport] = []
+        self._held: set[asyncio.BaseTransport] = set()
         self._connecting: set[asyncio.Task[None]] = set()
         self._sweep_timer: asyncio.TimerHandle | None = None
         self.closed = False
@@ -260,26 +275,43 @@ class ConnectionBalancer:
 
     async def _connect(self, conn: socket.socket) -> None:
         try:
-            transport, _ = await self._loop.connect_accepted_socket(
+            transport, protocol = await self._loop.connect_accepted_socket(
                 self._factory, conn, ssl=self._ssl)
         except (OSError, ssl_module.SSLError):  # the peer left before it was served
             conn.close()
             if self._member is not None:
                 self._member[0].release(1)
             return
-        self._held.append(transport)
+        self._held.add(transport)
+        # Uncounted the moment it closes: a client that reconnects at once (a benchmark's
+        # warm-up, then its run) must meet counts without its old connections.
+        lost = protocol.connection_lost
+
+        def connection_lost(exc: Exception | None) -> None:
+            try:
+                lost(exc)
+            finally:
+                self._forget(transport)
+
+        protocol.connection_lost = connection_lost  # type: ignore[method-assign]
+        if transport.is_closing():  # closed before the hook was in place
+            self._forget(transport)
+
+    def _forget(self, transport: asyncio.BaseTransport) -> None:
+        if transport in self._held:
+            self._held.discard(transport)
+            if self._member is not None:
+                self._member[0].release(1)
 
     def _sweep(self) -> None:
         self._sweep_closed()
         self._sweep_timer = self._loop.call_later(SWEEP_S, self._sweep)
 
     def _sweep_closed(self) -> None:
-        still = [t for t in self._held if not t.is_closing()]
-        closed = len(self._held) - len(still)
-        if closed:
-            self._held = still
-            if self._member is not None:
-                self._member[0].release(closed)
+        """Uncount what closed without a word to its first protocol (a protocol switched
+        mid-connection, e.g. an upgrade)."""
+        for transport in [t for t in self._held if t.is_closing()]:
+            self._forget(transport)
 
 
 class BalancedServer(asyncio.AbstractServer):

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from gateway.cli import balancing
 from gateway.cli.balancing import BalancingLoop, LoadTable, least_loaded
 from gateway.cli.listeners import ReusePortListener, WorkerGroup, WorkerListener
 
@@ -89,7 +90,7 @@ class _Who(asyncio.Protocol):
 
 
 @contextmanager
-def _workers(group: WorkerGroup, names: list[bytes]) -> Iterator[tuple[int, int]]:
+def _workers(group: WorkerGroup, names: list[bytes]) -> Iterator[tuple[str, int]]:
     """One event-loop thread per name, each serving a listener of its own in one group; yields
     the address. What each worker gets is what a spawned worker unpickles."""
     parent = ReusePortListener("127.0.0.1", 0, group)
@@ -164,22 +165,45 @@ def test_connections_opened_at_once_are_balanced_too(tmp_path: Path) -> None:
                 c.close()
 
 
-def test_closed_connections_are_uncounted_and_new_ones_fill_the_emptier_worker(
-        tmp_path: Path) -> None:
-    with _workers(WorkerGroup(tmp_path, 2), [b"a", b"b"]) as address:
+def test_closed_connections_are_uncounted_at_once_and_new_ones_fill_the_emptier_worker(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # No sweep during the test: only the close itself can uncount.
+    monkeypatch.setattr(balancing, "SWEEP_S", 60.0)
+    group = WorkerGroup(tmp_path, 2)
+    with _workers(group, [b"a", b"b"]) as address:
         conns = [socket.create_connection(address, timeout=5) for _ in range(8)]
         try:
             served = [(_who(c), c) for c in conns]
+            assert LoadTable.peek(group) == [4, 4]
             for name, c in served:
                 if name == b"a":
                     c.close()
-            time.sleep(1.2)  # both workers' sweeps (every 0.5 s) have run
+            deadline = time.monotonic() + 5
+            while sorted(LoadTable.peek(group)) != [0, 4] and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert sorted(LoadTable.peek(group)) == [0, 4]
             fresh = [socket.create_connection(address, timeout=5) for _ in range(4)]
             conns += fresh
             assert Counter(_who(c) for c in fresh) == {b"a": 4}
+            assert LoadTable.peek(group) == [4, 4]
         finally:
             for c in conns:
                 c.close()
+
+
+def test_a_client_that_reconnects_at_once_is_balanced_again(tmp_path: Path) -> None:
+    """A benchmark's warm-up closes its connections and its run opens as many right away:
+    counts still holding the old ones would send the new ones to whichever worker had
+    uncounted first."""
+    with _workers(WorkerGroup(tmp_path, 2), [b"a", b"b"]) as address:
+        for _ in range(5):
+            conns = [socket.create_connection(address, timeout=5) for _ in range(16)]
+            try:
+                assert Counter(_who(c) for c in conns) == {b"a": 8, b"b": 8}
+            finally:
+                for c in conns:
+                    c.close()
+            time.sleep(0.05)
 
 
 def test_a_hand_over_to_a_worker_that_is_not_there_is_served_where_it_arrived(
@@ -189,11 +213,7 @@ def test_a_hand_over_to_a_worker_that_is_not_there_is_served_where_it_arrived(
         conns = [socket.create_connection(address, timeout=5) for _ in range(5)]
         try:
             assert Counter(_who(c) for c in conns) == {b"a": 5}
+            assert LoadTable.peek(group) == [5, 0]
         finally:
             for c in conns:
                 c.close()
-        table = LoadTable.join(group)  # the free slot: a worker starting now
-        assert table is not None
-        assert table.slot == 1
-        assert table.loads() == [5, 0]
-        table.close()
