@@ -806,6 +806,16 @@ def test_the_allowance_refills_as_the_injected_clock_advances(store: StateStore)
     assert store.take_rate(RATE_KEY, 6, later).retry_after_ns == 10 * NS
 
 
+def test_a_refusal_with_an_older_clock_than_the_last_take_waits_one_interval_at_most(
+    store: StateStore,
+) -> None:
+    # Worker A read its clock 2 s after worker B but took first (B waited for the write
+    # lock): B's refusal must not ask for more than one interval (a Retry-After of 12 s).
+    assert _takes(store, 6, T0_NS + 2 * NS, 6) == [True] * 6
+    refused = store.take_rate(RATE_KEY, 6, T0_NS)
+    assert (refused.allowed, refused.retry_after_ns, refused.retry_after_s) == (False, 10 * NS, 10)
+
+
 def test_a_rate_limit_of_zero_is_refused(store: StateStore) -> None:
     with pytest.raises(ValidationFailed):
         store.take_rate(RATE_KEY, 0, T0_NS)
