@@ -237,10 +237,12 @@ def serve(settings: Settings, port: int, workers: int,
     if code is not None:
         env["PYTHONPATH"] = str(code)
     # `python -m` puts its working directory first on the path: run in the checkout served.
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "gateway.cli.main", "serve", "--workdir", str(settings.workdir),
-         "--port", str(port), "--workers", str(workers)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, cwd=code or ROOT)
+    # Its messages go to a file: an unread pipe, once full, would stall a worker that logs.
+    with open(settings.workdir / "serve.log", "ab") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "gateway.cli.main", "serve", "--workdir",
+             str(settings.workdir), "--port", str(port), "--workers", str(workers)],
+            stdout=subprocess.DEVNULL, stderr=log, env=env, cwd=code or ROOT)
     try:
         if code is None:
             wait_ready(f"http://127.0.0.1:{port}", proc, 120, workers=workers)
@@ -251,6 +253,12 @@ def serve(settings: Settings, port: int, workers: int,
         proc.terminate()
         raise
     return proc
+
+
+def _workers(server_pid: int) -> set[int]:
+    """Process ids of the server's children (its workers and multiprocessing's helper)."""
+    return {int(pid) for task in Path(f"/proc/{server_pid}/task").iterdir()
+            for pid in (task / "children").read_text().split()}
 
 
 def _tree_cpu_s(root: int) -> float:
@@ -389,9 +397,12 @@ def measure(settings: Settings, args: argparse.Namespace, code: Path | None,
             + (f", server of {code}" if code else ""))
         warmed = count_audited(settings).get("allow", 0) - before.get("allow", 0)
         cpu_before = _tree_cpu_s(proc.pid)
+        workers_before = _workers(proc.pid)
         result = run_wrk(script, prefix, access, base_url, connections, args.duration,
                          args.threads, server_pid=proc.pid)
         server_cpu = _tree_cpu_s(proc.pid) - cpu_before
+        # A worker that died and was restarted during the run makes it not a measurement.
+        result["workers_restarted"] = len(workers_before - _workers(proc.pid))
         # Same server, same connections, a bare endpoint: the machine's load today, so the
         # consented figure can be read as a ratio.
         bare = subprocess.run(
@@ -422,7 +433,9 @@ def measure(settings: Settings, args: argparse.Namespace, code: Path | None,
         f"server CPU {result['server_cpu_ms_per_request']:.2f} ms/req, "
         f"healthz {result['healthz_req_per_s_same_run']:,} req/s, "
         f"audited allow {allowed:,}, connections by worker "
-        f"{result['connections_by_worker']}")
+        f"{result['connections_by_worker']}"
+        + (f", WORKERS RESTARTED {result['workers_restarted']}"
+           if result["workers_restarted"] else ""))
     return result
 
 

@@ -34,12 +34,17 @@ def test_a_connection_goes_to_the_worker_holding_the_fewest(
     assert least_loaded(loads, me) == expected
 
 
-def test_each_worker_takes_a_slot_of_its_own_and_a_dead_ones_is_taken_afresh(
-        tmp_path: Path) -> None:
-    group = WorkerGroup(tmp_path, 2)
+def _two_workers_tables(group: WorkerGroup) -> tuple[LoadTable, LoadTable]:
     first, second = LoadTable.join(group), LoadTable.join(group)
     assert first is not None
     assert second is not None
+    return first, second
+
+
+def test_each_worker_takes_a_slot_of_its_own_and_a_dead_ones_is_taken_afresh(
+        tmp_path: Path) -> None:
+    group = WorkerGroup(tmp_path, 2)
+    first, second = _two_workers_tables(group)
     assert {first.slot, second.slot} == {0, 1}
     assert LoadTable.join(group) is None  # both slots held
     first.assign()
@@ -57,10 +62,7 @@ def test_each_worker_takes_a_slot_of_its_own_and_a_dead_ones_is_taken_afresh(
 
 def test_counts_follow_assignments_failed_hand_overs_and_closed_connections(
         tmp_path: Path) -> None:
-    group = WorkerGroup(tmp_path, 2)
-    here, there = LoadTable.join(group), LoadTable.join(group)
-    assert here is not None
-    assert there is not None
+    here, there = _two_workers_tables(WorkerGroup(tmp_path, 2))
     targets = [here.assign() for _ in range(6)]
     assert targets == [here.slot, there.slot] * 3
     here.take_back(there.slot)  # the last hand-over could not be delivered
