@@ -9,8 +9,9 @@ that ``jwk``; claims ``jti``, ``htm``, ``htu``, ``iat``, ``ath`` present; ``htm`
 exactly the request's (``htu`` without query and fragment); ``iat`` neither in the future nor
 older than ``max_age_s``; ``ath`` = base64url(SHA-256(access token)); the RFC 7638 thumbprint of
 ``jwk`` equals ``expected_jkt``; and last, ``jti`` not seen before (so a refused proof never
-spends a ``jti``). The caller's ``seen_jti`` must remember each ``jti`` for at least
-``max_age_s + leeway_s`` seconds.
+spends a ``jti``). The caller's ``seen_jti`` must remember each ``jti`` until the proof's
+``replay_window_ends`` (``iat + max_age_s + leeway_s``: from the proof itself, so a replay of
+it maps to the same moment whenever it comes; after it the proof is refused as stale).
 """
 
 from __future__ import annotations
@@ -69,6 +70,7 @@ class DpopProof:
     jti: str
     jkt: str
     iat: int
+    replay_window_ends: int  # s; accepted until then, so its jti is remembered until then
 
 
 def _public_jwk(alg: str, jwk: object) -> dict[str, Any]:
@@ -181,4 +183,4 @@ def verify_dpop_proof(
         _fail("wrong_key", "proof key is not the key the consent is bound to")
     if not seen_jti(jti):
         _fail("replay", "proof jti already used")
-    return DpopProof(jti=jti, jkt=jkt, iat=iat)
+    return DpopProof(jti=jti, jkt=jkt, iat=iat, replay_window_ends=iat + max_age_s + leeway_s)

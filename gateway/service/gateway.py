@@ -35,6 +35,7 @@ from gateway.consent import (
     PURPOSES,
     ConsentRecord,
     DataPeriod,
+    DpopProof,
     VerifiedConsent,
     issue_consent_token,
     pairwise_sub,
@@ -764,12 +765,12 @@ class Gateway:
                    consent_token: str | None, dpop_proof: str | None, htu: str,
                    purpose: str, datatypes: tuple[str, ...], period: DataPeriod | None = None,
                    claim_id: str | None = None
-                   ) -> tuple[VerifiedConsent, str, str, int]:
+                   ) -> tuple[VerifiedConsent, str, DpopProof, int]:
         """The consent token, the DPoP proof and the live consent record, in this order;
-        each refusal raises with its own code (the caller audits it). Returns the proof's
-        ``jti`` too: it is spent by :meth:`_spend`, once the request is otherwise allowed.
-        Returns (verified claims, the consent record's subject, the proof's jti, the version
-        of the grants counter read with the key set's, for the decision)."""
+        each refusal raises with its own code (the caller audits it). Returns the proof too:
+        its ``jti`` is spent by :meth:`_spend`, once the request is otherwise allowed.
+        Returns (verified claims, the consent record's subject, the proof, the version of the
+        grants counter read with the key set's, for the decision)."""
         now_ns = int(now * 1e9)
         if not consent_token:
             raise AuthenticationFailed("Consent header missing", code="consent_missing")
@@ -794,6 +795,10 @@ class Gateway:
             dpop_proof, htm="POST", htu=htu, access_token=access_token,
             expected_jkt=verified.cnf_jkt, now=now, seen_jti=lambda jti: True,
         )
+        if config.dpop_iat_bound is not None and proof.iat <= config.dpop_iat_bound:
+            # Issued before the replay store was rekeyed: its spend may not be remembered.
+            raise AuthenticationFailed("DPoP proof issued before the replay store changed",
+                                       code="dpop_stale")
         if status is None or not status[2]:
             raise consent_refused("consent revoked or no longer valid", "consent_revoked")
         subject, insurer_org, _ = status
@@ -802,9 +807,9 @@ class Gateway:
         ) != verified.sub:
             raise consent_refused("token does not match its consent record",
                                   "consent_mismatch")
-        return verified, subject, proof.jti, grants_version
+        return verified, subject, proof, grants_version
 
-    async def _spend(self, principal: Principal, dpop_jti: str, verified: VerifiedConsent,
+    async def _spend(self, principal: Principal, proof: DpopProof, verified: VerifiedConsent,
                      now: float) -> None:
         """Spend the DPoP proof's ``jti`` and, for a single-use consent, the consent's — last,
         so a refused request never burns a consent — in one write shared with the concurrent
@@ -813,8 +818,8 @@ class Gateway:
         config = self._consent_config()
         assert config.replay is not None  # noqa: S101 - set by load_consent_config
         item = ReplaySpend(
-            client_id=principal.client_id, dpop_jti=dpop_jti,
-            dpop_expires_ns=now_ns + _DPOP_REMEMBER_S * 1_000_000_000,
+            client_id=principal.client_id, dpop_jti=proof.jti,
+            dpop_expires_ns=proof.replay_window_ends * 1_000_000_000,
             consent_jti=verified.jti if verified.single_use else None,
             consent_id=verified.consent_id,
             consent_expires_ns=int(verified.replay_window_ends * 1e9))
@@ -856,7 +861,7 @@ class Gateway:
         try:
             config = self._consent_config()
             now = self.clock()
-            verified, subject, dpop_jti, grants_version = self._consented(
+            verified, subject, proof, grants_version = self._consented(
                 principal, members, config=config, now=now, access_token=access_token,
                 consent_token=consent_token, dpop_proof=dpop_proof, htu=htu,
                 purpose=ENROLLMENT_PURPOSE, datatypes=ENROLLMENT_DATATYPES)
@@ -867,7 +872,7 @@ class Gateway:
             members["policy_version"] = decision.policy_version
             if not decision.allow:
                 raise PolicyDenied(decision.reasons)
-            await self._spend(principal, dpop_jti, verified, now)
+            await self._spend(principal, proof, verified, now)
             persons = self._person_index(config)
             if persons.stale():  # a new data version: read it off the event loop
                 await asyncio.to_thread(persons.refresh)
@@ -893,7 +898,7 @@ class Gateway:
         try:
             config = self._consent_config()
             now = self.clock()
-            verified, subject, dpop_jti, grants_version = self._consented(
+            verified, subject, proof, grants_version = self._consented(
                 principal, members, config=config, now=now, access_token=access_token,
                 consent_token=consent_token, dpop_proof=dpop_proof, htu=htu,
                 purpose=SETTLEMENTS_PURPOSE, datatypes=tuple(sorted(set(request.datatypes))),
@@ -905,7 +910,7 @@ class Gateway:
             members["policy_version"] = decision.policy_version
             if not decision.allow or decision.obligations is None:
                 raise PolicyDenied(decision.reasons or ("denied by default",))
-            await self._spend(principal, dpop_jti, verified, now)
+            await self._spend(principal, proof, verified, now)
             released = frozenset(SETTLEMENT_FIELDS) - set(decision.obligations.mask_fields)
             members["fields"] = [f for f in SETTLEMENT_FIELDS if f in released]
             start, end = period_bounds(request.period)
@@ -1086,5 +1091,3 @@ def consent_item(stored: StoredConsent, now_ns: int) -> dict[str, Any]:
 _PERSON_LOOKUP_SQL = "SELECT psn_id FROM person_lookup WHERE lookup = ?"
 # One more than the answer's row cap, to tell the caller the answer was cut.
 _SETTLEMENT_FETCH = 1001
-# A DPoP jti is remembered for the accepted proof age (60 s) plus twice the skew (5 s).
-_DPOP_REMEMBER_S = 70

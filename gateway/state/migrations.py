@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Final, Literal
 
 from gateway.state.budgets import BUDGET_SCHEMA
-from gateway.state.consents import CONSENT_SCHEMA
+from gateway.state.consents import CONSENT_SCHEMA, REPLAY_REKEY_SCHEMA
 from gateway.state.ratelimits import RATE_LIMIT_SCHEMA
 
 __all__ = ["DIALECTS", "MIGRATIONS", "Dialect", "Migration", "Statement", "statement_for"]
@@ -96,4 +96,6 @@ MIGRATIONS: Final[tuple[Migration, ...]] = (
     Migration(2, "disclosure: released cells, privacy budget ledger, noisy answers",
               BUDGET_SCHEMA),
     Migration(3, "grant rate limits: one GCRA arrival time per key", RATE_LIMIT_SCHEMA),
+    Migration(4, "replay ids keyed by expiry first (a purge is a range delete)",
+              REPLAY_REKEY_SCHEMA),
 )

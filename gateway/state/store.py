@@ -185,12 +185,13 @@ class StateStore(ConsentStatements, DisclosureStatements, RateLimitStatements, A
 
     # -- single-use assertion ids ------------------------------------------------------
     def spend_jti(self, jti: str, client_id: str, expires_ns: int, now_ns: int) -> bool:
-        """Record ``jti`` as used; False if it was already used and has not expired."""
+        """Record ``jti`` as used; False if it was already used and has not expired.
+        ``expires_ns`` comes from the assertion (its ``exp``): ids are keyed by it first."""
         return self._remember_once(
             "DELETE FROM spent_jti WHERE expires_ns < ?",
-            "INSERT INTO spent_jti (jti, client_id, expires_ns) VALUES (?, ?, ?) "
-            "ON CONFLICT (jti) DO NOTHING",
-            (f"{client_id}:{jti}", client_id, expires_ns), now_ns)
+            "INSERT INTO spent_jti (expires_ns, jti, client_id) VALUES (?, ?, ?) "
+            "ON CONFLICT (expires_ns, jti) DO NOTHING",
+            (expires_ns, f"{client_id}:{jti}", client_id), now_ns)
 
     # -- grants ------------------------------------------------------------------------
     def add_grant(self, grant: GrantRecord) -> None:

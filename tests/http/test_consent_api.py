@@ -469,6 +469,39 @@ def test_dpop_replay_refused(case: Case) -> None:
                  401, "dpop_replay", other_id)
 
 
+def test_a_proof_replayed_later_is_still_refused(case: Case) -> None:
+    """Replay ids are stored under the expiry the proof itself gives (its iat), not the
+    moment it was spent: a replay 50 s on, while the proof is still fresh, meets the first."""
+    now = _at(case, float(int(time.time())))
+    proof = case.insurer.proof(case.access, iat=int(now))
+    other_id = jwt.decode(case.other, options={"verify_signature": False})["consent_id"]
+    assert case.send(case.issued["token"], proof=proof).status_code == 200
+    _at(case, now + 50)
+    refused_once(case.env, lambda: case.send(case.other, proof=proof),
+                 401, "dpop_replay", other_id)
+
+
+def test_a_single_use_consent_used_again_later_is_still_refused(case: Case) -> None:
+    now = _at(case, float(int(time.time())))
+    assert case.send(now=now).status_code == 200
+    later = _at(case, now + 300)
+    refused_once(case.env, lambda: case.send(now=later), 403, "consent_used",
+                 case.issued["consent_id"])
+
+
+def test_a_proof_issued_before_the_replay_store_changed_is_refused(case: Case) -> None:
+    """After migration 4 the ids of proofs spent before it are gone; the gateway refuses a
+    proof whose iat is not past the bound the migration kept (the state store's own test
+    covers how it is computed)."""
+    now = int(_at(case, float(int(time.time()))))
+    config = case.env.gateway._consent_config()
+    config.dpop_iat_bound = now - 10  # as loaded from the store after such a migration
+    refused_once(case.env, lambda: case.send(proof=case.insurer.proof(case.access,
+                                                                      iat=now - 10)),
+                 401, "dpop_stale", case.issued["consent_id"])
+    assert case.send(proof=case.insurer.proof(case.access, iat=now - 9)).status_code == 200
+
+
 @pytest.mark.parametrize(("offset", "accepted"), [(29.5, True), (30.2, False)])
 def test_expiry_leeway_boundary(case: Case, offset: float, accepted: bool) -> None:
     now = _at(case, case.claims["exp"] + offset)

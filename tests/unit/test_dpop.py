@@ -90,6 +90,16 @@ def test_valid_eddsa_proof() -> None:
     assert (result.jti, result.jkt, result.iat) == ("proof-jti-000000001", JKT, NOW)
 
 
+def test_a_proof_is_remembered_until_it_would_be_stale() -> None:
+    """``replay_window_ends`` comes from the proof (iat + max age + leeway), never from the
+    moment it is checked: the same proof gives the same moment whenever it is replayed, and
+    one second past it the proof is refused as stale anyway."""
+    token = proof()
+    ends = {check(token, now=NOW + dt).replay_window_ends for dt in (-5, 0, 30, 65)}
+    assert ends == {NOW + 65}
+    assert code(token, now=NOW + 66) == "dpop_stale"
+
+
 def test_valid_es256_proof() -> None:
     jkt = jwk_thumbprint(public_jwk(P256.public_key()))
     assert check(proof(signer=P256), jkt=jkt).jkt == jkt

@@ -360,6 +360,7 @@ def _rows(store: StateStore, table: str) -> int:
     statements = {
         "consumed_consent_jti": "SELECT COUNT(*) FROM consumed_consent_jti",
         "dpop_jti": "SELECT COUNT(*) FROM dpop_jti",
+        "spent_jti": "SELECT COUNT(*) FROM spent_jti",
     }
     with store._tx() as cur:
         cur.execute(statements[table])
@@ -601,6 +602,67 @@ def test_a_per_dialect_statement_runs_in_its_dialect(store: StateStore) -> None:
         assert bytes(cur.fetchone()[0]) == b"\x00\xff"
     with pytest.raises(ValueError, match="spelling"):
         statement_for({"sqlite": "CREATE TABLE t (b BLOB)"}, "postgresql")
+
+
+def _as_before_migration_4(store: StateStore) -> None:
+    """Put the replay tables back as migrations 1–3 left them (ids keyed by jti alone)."""
+    old_tables = ("consumed_consent_jti", "dpop_jti", "spent_jti")
+    old_schema = [statement_for(st, "sqlite") for st in MIGRATIONS[0].statements
+                  if any(f" {t} " in statement_for(st, "sqlite") for t in old_tables)]
+    assert len(old_schema) == 6  # three tables, each with its expiry index
+    with store._tx(write=True) as cur:
+        for statement in ("DROP TABLE consumed_consent_jti", "DROP TABLE dpop_jti",
+                          "DROP TABLE spent_jti", "DROP TABLE replay_rekeyed"):
+            cur.execute(statement)
+        for statement in old_schema:
+            cur.execute(statement)
+        cur.execute("DELETE FROM schema_migrations WHERE version = 4")
+
+
+def test_migration_4_rekeys_the_replay_ids_by_expiry_and_keeps_what_it_can(
+    store: StateStore,
+) -> None:
+    """Consent and client-assertion ids carry over (their expiry came from the token, as it
+    still does: a replay after the upgrade is refused); DPoP ids were keyed by when they were
+    spent, so they are dropped and the latest iat they can have covered is kept instead."""
+    _as_before_migration_4(store)
+    consent_expires, assertion_expires = T0_NS + 600 * NS, T0_NS + 65 * NS
+    spent_at = T0_NS + 30 * NS
+    with store._tx(write=True) as cur:
+        cur.execute("INSERT INTO consumed_consent_jti (jti, consent_id, expires_ns) "
+                    "VALUES (?, ?, ?)", ("jti-old", "consent-0001", consent_expires))
+        cur.execute("INSERT INTO spent_jti (jti, client_id, expires_ns) VALUES (?, ?, ?)",
+                    ("t-insurer:assertion-old", "t-insurer", assertion_expires))
+        for k, at in enumerate((T0_NS, spent_at)):
+            cur.execute("INSERT INTO dpop_jti (client_id, jti, expires_ns) VALUES (?, ?, ?)",
+                        ("t-insurer", f"proof-old-{k}", at + 70 * NS))
+    assert store._migrate() == 4
+    assert not store.consume_consent_jti("jti-old", "consent-0001", consent_expires,
+                                         T0_NS + 60 * NS)
+    assert not store.spend_jti("assertion-old", "t-insurer", assertion_expires,
+                               T0_NS + 40 * NS)
+    assert _rows(store, "dpop_jti") == 0
+    # The last proof spent (at T0 + 30 s) may carry an iat up to 5 s ahead of that.
+    assert store.dpop_rekeyed_iat_bound() == spent_at // NS + 5
+    # Expired ids go in one range delete, live ones stay.
+    assert store.consume_consent_jti("jti-new", "consent-0002", T0_NS + 900 * NS,
+                                     consent_expires + 1)
+    assert _rows(store, "consumed_consent_jti") == 1
+
+
+def test_a_database_without_old_proofs_has_no_iat_bound(store: StateStore) -> None:
+    assert store.dpop_rekeyed_iat_bound() is None
+
+
+def test_a_replay_id_is_keyed_by_the_expiry_its_token_gives(store: StateStore) -> None:
+    """The contract that lets the replay tables lead with the expiry: a replay of the same
+    token gives the same expiry, so it meets its first spend whenever it comes; the caller
+    must never pass a moment from its own clock."""
+    expires = T0_NS + 65 * NS
+    assert store.spend_dpop_jti("t-insurer", "proof-1", expires, T0_NS)
+    assert not store.spend_dpop_jti("t-insurer", "proof-1", expires, T0_NS + 50 * NS)
+    # The same id under another expiry is, to the store, another proof.
+    assert store.spend_dpop_jti("t-insurer", "proof-1", expires + NS, T0_NS + 50 * NS)
 
 
 def test_a_failing_migration_leaves_no_trace(store: StateStore) -> None:
