@@ -179,11 +179,17 @@ def enrolled_persons(settings: Settings, n: int) -> list[int]:
     return [pseudonym(key, values[i % len(values)]) for i in range(n)]
 
 
-def issue_consents(settings: Settings, count: int, jkt: str) -> tuple[list[str], str, float]:
+def issue_consents(settings: Settings, count: int, jkt: str,
+                   spread_s: float) -> tuple[list[str], str, float]:
     """``count`` single-use enrollment consents: the records stored in one transaction
     (``add_consents``), each token issued and signed as ``POST /v1/consents`` does. Setup, not
     measured: the API path records consents one by one, audited. Returns the tokens, an
-    insurer access token, and consents/s."""
+    insurer access token, and consents/s.
+
+    Token ``i`` is dated ``spread_s * (count - 1 - i) / count`` seconds back, so the tokens
+    used later expire later, spread over ``spread_s`` as tokens issued shortly before use
+    would be: all dated alike, a run's tokens expired in one instant ten minutes on, a purge
+    load no steady service makes."""
     from gateway.consent import ConsentRecord, issue_consent_token
     from gateway.service.bootstrap import build_gateway
     from gateway.service.consents import MAX_TOKEN_LIFETIME, subject_from_psn_id
@@ -192,10 +198,10 @@ def issue_consents(settings: Settings, count: int, jkt: str) -> tuple[list[str],
     try:
         config = gateway._consent_config()  # the bench reuses the wiring
         now = time.time()
-        now_dt = datetime.fromtimestamp(int(now), tz=UTC)
+        now_dt = datetime.fromtimestamp(int(now - spread_s) - 1, tz=UTC)
         records, tokens = [], []
         started = time.perf_counter()
-        for psn_id in enrolled_persons(settings, count):
+        for i, psn_id in enumerate(enrolled_persons(settings, count)):
             record = ConsentRecord(
                 consent_id="cst-" + secrets.token_hex(12), subject=subject_from_psn_id(psn_id),
                 insurer_org=INSURER_ORG, purpose="enrollment_check",
@@ -206,7 +212,8 @@ def issue_consents(settings: Settings, count: int, jkt: str) -> tuple[list[str],
             records.append(record)
             tokens.append(issue_consent_token(
                 record, key_set=config.key_set, issuer=config.issuer, audience=config.issuer,
-                client_id=INSURER_ORG, cnf_jkt=jkt, now=now, max_lifetime=MAX_TOKEN_LIFETIME,
+                client_id=INSURER_ORG, cnf_jkt=jkt, now=now - spread_s * (count - 1 - i) / count,
+                max_lifetime=MAX_TOKEN_LIFETIME,
                 pairwise_key=config.pairwise_key))
         gateway.state.add_consents(records)
         rate = count / (time.perf_counter() - started)
@@ -217,16 +224,21 @@ def issue_consents(settings: Settings, count: int, jkt: str) -> tuple[list[str],
 
 
 def write_requests(prefix: Path, tokens: list[str], access: str, dpop_key: Any,
-                   base_url: str, threads: int) -> None:
-    """One file per wrk thread: consent token and a fresh DPoP proof per line."""
+                   base_url: str, threads: int, spread_s: int) -> None:
+    """One file per wrk thread: consent token and a fresh DPoP proof per line. Proofs are
+    dated back up to ``spread_s`` seconds, the first used the oldest (as for the consents:
+    so that a run's proofs do not all expire in one instant)."""
     jwk = public_jwk(dpop_key.public_key())
     ath = access_token_hash(access)
     now = int(time.time())
+    count = len(tokens)
     files = [open(f"{prefix}.{t}", "w", encoding="ascii") for t in range(threads)]  # noqa: SIM115
     try:
         for i, token in enumerate(tokens):
             proof = jwt.encode({"jti": secrets.token_urlsafe(12), "htm": "POST",
-                                "htu": base_url + PATH, "iat": now, "ath": ath},
+                                "htu": base_url + PATH,
+                                "iat": now - spread_s * (count - 1 - i) // max(count, 1),
+                                "ath": ath},
                                dpop_key, algorithm="EdDSA",
                                headers={"typ": "dpop+jwt", "jwk": jwk})
             files[i % threads].write(f"{token}\t{proof}\n")
@@ -433,7 +445,8 @@ def measure(settings: Settings, args: argparse.Namespace, code: Path | None,
     base_url = f"http://127.0.0.1:{port}"
     count = args.max_rate * (args.duration + args.warmup)
     say(f"recording {count:,} single-use consents")
-    tokens, access, consent_rate = issue_consents(settings, count, jkt)
+    tokens, access, consent_rate = issue_consents(settings, count, jkt,
+                                                  spread_s=args.duration + args.warmup)
     warm = args.max_rate * args.warmup
     say(f"  {consent_rate:,.0f} consents/s")
     before = count_audited(settings)
@@ -444,11 +457,12 @@ def measure(settings: Settings, args: argparse.Namespace, code: Path | None,
         prefix = workdir / "requests"
         if args.warmup:
             write_requests(workdir / "warmup", tokens[:warm], access, dpop_key, base_url,
-                           args.threads)
+                           args.threads, spread_s=0)
             say(f"warm-up: {connections} connections, {args.warmup} s (not counted)")
             run_wrk(script, workdir / "warmup", access, base_url, connections,
                     args.warmup, args.threads)
-        write_requests(prefix, tokens[warm:], access, dpop_key, base_url, args.threads)
+        write_requests(prefix, tokens[warm:], access, dpop_key, base_url, args.threads,
+                       spread_s=args.duration // 4)
         say(f"wrk: {connections} connections, {args.duration} s, {args.workers} workers"
             + (f", server of {code}" if code else ""))
         warmed = count_audited(settings).get("allow", 0) - before.get("allow", 0)
