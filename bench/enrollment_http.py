@@ -179,6 +179,13 @@ def enrolled_persons(settings: Settings, n: int) -> list[int]:
     return [pseudonym(key, values[i % len(values)]) for i in range(n)]
 
 
+def dated_back(now: float, spread_s: float, i: int, count: int) -> float:
+    """When item ``i`` of ``count`` (used in that order) is dated: up to ``spread_s`` back,
+    the first used the oldest, so ids used later expire later, as if each were made shortly
+    before its use (dated alike, a run's ids would all expire in one instant)."""
+    return now - spread_s * (count - 1 - i) / max(count, 1)
+
+
 def issue_consents(settings: Settings, count: int, jkt: str,
                    spread_s: float) -> tuple[list[str], str, float]:
     """``count`` single-use enrollment consents: the records stored in one transaction
@@ -186,10 +193,8 @@ def issue_consents(settings: Settings, count: int, jkt: str,
     measured: the API path records consents one by one, audited. Returns the tokens, an
     insurer access token, and consents/s.
 
-    Token ``i`` is dated ``spread_s * (count - 1 - i) / count`` seconds back, so the tokens
-    used later expire later, spread over ``spread_s`` as tokens issued shortly before use
-    would be: all dated alike, a run's tokens expired in one instant ten minutes on, a purge
-    load no steady service makes."""
+    Tokens are dated back over ``spread_s`` (:func:`dated_back`): dated alike, a run's tokens
+    expired in one instant ten minutes on, a purge load no steady service makes."""
     from gateway.consent import ConsentRecord, issue_consent_token
     from gateway.service.bootstrap import build_gateway
     from gateway.service.consents import MAX_TOKEN_LIFETIME, subject_from_psn_id
@@ -212,7 +217,7 @@ def issue_consents(settings: Settings, count: int, jkt: str,
             records.append(record)
             tokens.append(issue_consent_token(
                 record, key_set=config.key_set, issuer=config.issuer, audience=config.issuer,
-                client_id=INSURER_ORG, cnf_jkt=jkt, now=now - spread_s * (count - 1 - i) / count,
+                client_id=INSURER_ORG, cnf_jkt=jkt, now=dated_back(now, spread_s, i, count),
                 max_lifetime=MAX_TOKEN_LIFETIME,
                 pairwise_key=config.pairwise_key))
         gateway.state.add_consents(records)
@@ -225,9 +230,8 @@ def issue_consents(settings: Settings, count: int, jkt: str,
 
 def write_requests(prefix: Path, tokens: list[str], access: str, dpop_key: Any,
                    base_url: str, threads: int, spread_s: int) -> None:
-    """One file per wrk thread: consent token and a fresh DPoP proof per line. Proofs are
-    dated back up to ``spread_s`` seconds, the first used the oldest (as for the consents:
-    so that a run's proofs do not all expire in one instant)."""
+    """One file per wrk thread: consent token and a fresh DPoP proof per line, dated back over
+    ``spread_s`` (:func:`dated_back`)."""
     jwk = public_jwk(dpop_key.public_key())
     ath = access_token_hash(access)
     now = int(time.time())
@@ -237,7 +241,7 @@ def write_requests(prefix: Path, tokens: list[str], access: str, dpop_key: Any,
         for i, token in enumerate(tokens):
             proof = jwt.encode({"jti": secrets.token_urlsafe(12), "htm": "POST",
                                 "htu": base_url + PATH,
-                                "iat": now - spread_s * (count - 1 - i) // max(count, 1),
+                                "iat": int(dated_back(now, spread_s, i, count)),
                                 "ath": ath},
                                dpop_key, algorithm="EdDSA",
                                headers={"typ": "dpop+jwt", "jwk": jwk})

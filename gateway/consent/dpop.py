@@ -125,11 +125,14 @@ def verify_dpop_proof(
     seen_jti: Callable[[str], bool],
     max_age_s: int = 60,
     leeway_s: int = 5,
+    issued_after: int | None = None,
 ) -> DpopProof:
     """Verify the ``DPoP`` header of one request.
 
     ``seen_jti(jti)`` records ``jti`` and returns True when it is new, False when it was seen
     already (a replay); it is called only once every other check has passed.
+    ``issued_after`` (s): a proof whose ``iat`` is not past it is stale too (the state
+    store's ``dpop_rekeyed_iat_bound``: proofs whose spends may not be remembered).
     """
     if proof is None or proof == "":
         _fail("missing", "DPoP proof missing")
@@ -176,6 +179,8 @@ def verify_dpop_proof(
         _fail("future", "proof issued in the future")
     if iat < now - max_age_s - leeway_s:
         _fail("stale", f"proof older than {max_age_s} s")
+    if issued_after is not None and iat <= issued_after:
+        _fail("stale", "proof issued before the replay store changed")
     if not hmac.compare_digest(claims["ath"].encode(), access_token_hash(access_token).encode()):
         _fail("wrong_ath", "ath is not the hash of the presented token")
     jkt = _thumbprint(alg, coordinates)

@@ -794,11 +794,8 @@ class Gateway:
         proof = verify_dpop_proof(
             dpop_proof, htm="POST", htu=htu, access_token=access_token,
             expected_jkt=verified.cnf_jkt, now=now, seen_jti=lambda jti: True,
+            issued_after=config.dpop_iat_bound,
         )
-        if config.dpop_iat_bound is not None and proof.iat <= config.dpop_iat_bound:
-            # Issued before the replay store was rekeyed: its spend may not be remembered.
-            raise AuthenticationFailed("DPoP proof issued before the replay store changed",
-                                       code="dpop_stale")
         if status is None or not status[2]:
             raise consent_refused("consent revoked or no longer valid", "consent_revoked")
         subject, insurer_org, _ = status

@@ -100,6 +100,18 @@ def test_a_proof_is_remembered_until_it_would_be_stale() -> None:
     assert code(token, now=NOW + 66) == "dpop_stale"
 
 
+def test_a_proof_not_issued_after_the_given_bound_is_stale() -> None:
+    def bounded(token: object, bound: int) -> Any:
+        return verify_dpop_proof(token, htm="POST", htu=HTU, access_token=ACCESS,
+                                 expected_jkt=JKT, now=NOW, seen_jti=fresh(),
+                                 issued_after=bound)
+
+    with pytest.raises(AuthenticationFailed) as info:
+        bounded(proof(), NOW)
+    assert info.value.code == "dpop_stale"
+    assert bounded(proof(), NOW - 1).iat == NOW
+
+
 def test_valid_es256_proof() -> None:
     jkt = jwk_thumbprint(public_jwk(P256.public_key()))
     assert check(proof(signer=P256), jkt=jkt).jkt == jkt

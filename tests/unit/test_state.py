@@ -360,7 +360,6 @@ def _rows(store: StateStore, table: str) -> int:
     statements = {
         "consumed_consent_jti": "SELECT COUNT(*) FROM consumed_consent_jti",
         "dpop_jti": "SELECT COUNT(*) FROM dpop_jti",
-        "spent_jti": "SELECT COUNT(*) FROM spent_jti",
     }
     with store._tx() as cur:
         cur.execute(statements[table])
